@@ -1,0 +1,76 @@
+// Argument checks and layout rules shared by the CPU (ops.cpp) and CUDA
+// (cuda/ops_cuda.cpp) entry points, so both reject the same inputs with the
+// same messages and return the same strides as the fake kernels in ops.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+namespace dsq_ext {
+
+inline bool is_supported_float(at::ScalarType t) {
+    return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_bits(const char* op, int64_t bits) {
+    TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+}
+
+inline void check_input(const char* op, const char* name, const at::Tensor& t) {
+    TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+                " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// A quantizer parameter (lower, upper, alpha) is per tensor when it has one
+// element, per channel when it is 1-D of length x.size(0). Returns true when
+// it is per channel.
+inline bool check_param(const char* op, const char* name, const at::Tensor& p,
+                        const at::Tensor& x) {
+    TORCH_CHECK(is_supported_float(p.scalar_type()), op, ": ", name,
+                " must be a float32, float64, float16 or bfloat16 tensor, got ", p.scalar_type());
+    TORCH_CHECK(p.device() == x.device(), op, ": ", name, " is on ", p.device(),
+                " but x is on ", x.device(), "; move the quantizer parameters to x's device");
+    if (p.numel() == 1) return false;
+    TORCH_CHECK(x.dim() >= 1 && p.dim() == 1 && p.size(0) == x.size(0), op, ": ", name,
+                " must have one element (per tensor) or shape [x.size(0)] (per channel); got ",
+                name, " of shape ", p.sizes(), " for x of shape ", x.sizes());
+    return true;
+}
+
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+    check_input(op, "grad", grad);
+    TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", x.sizes(),
+                ", got ", grad.sizes());
+    TORCH_CHECK(grad.device() == x.device(), op, ": grad is on ", grad.device(),
+                " but x is on ", x.device());
+}
+
+// The layout the kernels read and write. Per tensor, every element is
+// independent, so any dense layout (channels_last included) is used as it is
+// and the output takes x's strides (empty_like). Per channel, the kernels need
+// each channel's elements to be one run, so the contiguous layout is used.
+struct Layout {
+    at::Tensor x;    // x, or a dense copy of it
+    at::Tensor out;  // uninitialised, same shape, strides and dtype as `x` above
+};
+
+inline Layout make_layout(const at::Tensor& x, bool per_channel) {
+    if (per_channel) {
+        at::Tensor xc = x.contiguous();
+        return {xc, at::empty(xc.sizes(), xc.options())};
+    }
+    at::Tensor out = at::empty_like(x);
+    at::Tensor xd = x.strides() == out.strides() ? x : at::empty_like(x).copy_(x);
+    return {xd, out};
+}
+
+// grad in the same strides as the dense x the kernels read.
+inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x) {
+    if (grad.strides() == dense_x.strides() && grad.scalar_type() == dense_x.scalar_type())
+        return grad;
+    return at::empty_like(dense_x).copy_(grad);
+}
+
+}  // namespace dsq_ext

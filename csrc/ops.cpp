@@ -1,0 +1,278 @@
+// Operator schemas of the dsq_ext namespace and their CPU implementations.
+//
+// Each entry point does the same steps: check the arguments (the messages name
+// the argument and its value), pick a dense layout, allocate, split the work
+// into fixed blocks, and run the C kernels of dsq_kernels.c over the blocks on
+// torch's intra-op thread pool (so torch.set_num_threads is honoured).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "dsq_kernels.h"
+#include "dsq_math.h"
+
+namespace dsq_ext {
+namespace {
+
+// Elements per task. Fixed, so that the blocks whose partial sums are added,
+// and the order they are added in, do not depend on the number of threads:
+// the reduced gradients are bit-identical run to run and across
+// torch.set_num_threads.
+constexpr int64_t kBlock = int64_t(1) << 16;
+// Reduced-precision inputs are widened to float32 in chunks this size, on the stack.
+constexpr int64_t kChunk = 4 * DSQ_SUB_BLOCK;
+// Below this many elements per thread, threading costs more than it saves.
+constexpr int64_t kMinPerThread = int64_t(1) << 15;
+
+// How a tensor splits into (channel, block) tasks.
+struct Plan {
+    int64_t channels;  // 1 when every parameter is per tensor
+    int64_t inner;     // elements per channel
+    int64_t blocks;    // blocks per channel
+    int64_t tasks() const { return channels * blocks; }
+    int64_t grain() const { return std::max<int64_t>(1, kMinPerThread / std::min(inner, kBlock)); }
+};
+
+Plan make_plan(const at::Tensor& x, bool per_channel) {
+    const int64_t numel = x.numel();
+    const int64_t channels = per_channel ? x.size(0) : 1;
+    const int64_t inner = channels > 0 ? numel / channels : 0;
+    return {channels, inner, std::max<int64_t>(1, (inner + kBlock - 1) / kBlock)};
+}
+
+// A parameter widened to the compute type, readable per channel.
+template <typename T>
+struct Param {
+    at::Tensor t;
+    const T* p;
+    int64_t stride;  // 0 per tensor, 1 per channel
+    Param(const at::Tensor& param, at::ScalarType compute)
+        : t(param.to(compute).contiguous()),
+          p(t.data_ptr<T>()),
+          stride(param.numel() == 1 ? 0 : 1) {}
+    T operator[](int64_t c) const { return p[c * stride]; }
+};
+
+template <typename T>
+void forward_kernel(const T* x, T* y, int64_t n, T l, T u, int bits);
+template <>
+void forward_kernel<float>(const float* x, float* y, int64_t n, float l, float u, int bits) {
+    dsq_forward_f32(x, y, n, l, u, bits);
+}
+template <>
+void forward_kernel<double>(const double* x, double* y, int64_t n, double l, double u, int bits) {
+    dsq_forward_f64(x, y, n, l, u, bits);
+}
+
+template <typename T>
+void backward_kernel(const T* g, const T* x, T* dx, int64_t n, T l, T u, T a, int bits, int mode,
+                     double* sums);
+template <>
+void backward_kernel<float>(const float* g, const float* x, float* dx, int64_t n, float l, float u,
+                            float a, int bits, int mode, double* sums) {
+    dsq_backward_f32(g, x, dx, n, l, u, a, bits, mode, sums);
+}
+template <>
+void backward_kernel<double>(const double* g, const double* x, double* dx, int64_t n, double l,
+                             double u, double a, int bits, int mode, double* sums) {
+    dsq_backward_f64(g, x, dx, n, l, u, a, bits, mode, sums);
+}
+
+// Calls fn(channel, first_element, length) for every task, on the thread pool.
+template <typename Fn>
+void for_each_task(const Plan& plan, const Fn& fn) {
+    at::parallel_for(0, plan.tasks(), plan.grain(), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int64_t c = t / plan.blocks;
+            const int64_t off = (t % plan.blocks) * kBlock;
+            fn(c, c * plan.inner + off, std::min(kBlock, plan.inner - off), t);
+        }
+    });
+}
+
+// scalar_t is the storage type, T the compute type (float for the 16-bit types).
+template <typename scalar_t, typename T>
+void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
+                  const at::Tensor& upper, int bits) {
+    const Param<T> lo(lower, c10::CppTypeToScalarType<T>::value);
+    const Param<T> up(upper, c10::CppTypeToScalarType<T>::value);
+    const scalar_t* x = lay.x.data_ptr<scalar_t>();
+    scalar_t* y = lay.out.data_ptr<scalar_t>();
+    for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
+        if constexpr (std::is_same_v<scalar_t, T>) {
+            forward_kernel<T>(x + start, y + start, len, lo[c], up[c], bits);
+        } else {
+            T bx[kChunk], by[kChunk];
+            for (int64_t s = 0; s < len; s += kChunk) {
+                const int64_t m = std::min(kChunk, len - s);
+                for (int64_t j = 0; j < m; ++j) bx[j] = static_cast<T>(x[start + s + j]);
+                forward_kernel<T>(bx, by, m, lo[c], up[c], bits);
+                for (int64_t j = 0; j < m; ++j) y[start + s + j] = static_cast<scalar_t>(by[j]);
+            }
+        }
+    });
+}
+
+template <typename scalar_t, typename T>
+void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
+                   const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& alpha,
+                   int bits, int mode, std::vector<double>& partial) {
+    const Param<T> lo(lower, c10::CppTypeToScalarType<T>::value);
+    const Param<T> up(upper, c10::CppTypeToScalarType<T>::value);
+    const Param<T> al(alpha, c10::CppTypeToScalarType<T>::value);
+    const scalar_t* g = g_t.data_ptr<scalar_t>();
+    const scalar_t* x = lay.x.data_ptr<scalar_t>();
+    scalar_t* dx = lay.out.data_ptr<scalar_t>();
+    for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t t) {
+        double* sums = partial.data() + 3 * t;
+        if constexpr (std::is_same_v<scalar_t, T>) {
+            backward_kernel<T>(g + start, x + start, dx + start, len, lo[c], up[c], al[c], bits,
+                               mode, sums);
+        } else {
+            T bg[kChunk], bx[kChunk], bd[kChunk];
+            for (int64_t s = 0; s < len; s += kChunk) {
+                const int64_t m = std::min(kChunk, len - s);
+                for (int64_t j = 0; j < m; ++j) {
+                    bg[j] = static_cast<T>(g[start + s + j]);
+                    bx[j] = static_cast<T>(x[start + s + j]);
+                }
+                backward_kernel<T>(bg, bx, bd, m, lo[c], up[c], al[c], bits, mode, sums);
+                for (int64_t j = 0; j < m; ++j) dx[start + s + j] = static_cast<scalar_t>(bd[j]);
+            }
+        }
+    });
+}
+
+at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lower,
+                       const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
+    check_input(op, "x", x);
+    check_bits(op, bits);
+    bool per_channel = check_param(op, "lower", lower, x);
+    per_channel |= check_param(op, "upper", upper, x);
+    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const Layout lay = make_layout(x, per_channel);
+    if (x.numel() == 0) return lay.out;
+    const Plan plan = make_plan(lay.x, per_channel);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
+        if constexpr (std::is_same_v<scalar_t, double>)
+            forward_impl<scalar_t, double>(lay, plan, lower, upper, int(bits));
+        else
+            forward_impl<scalar_t, float>(lay, plan, lower, upper, int(bits));
+    });
+    return lay.out;
+}
+
+// Sums the per-block partials of one gradient (k = 0 lower, 1 upper, 2 alpha)
+// in block order, per channel when the parameter is, and returns it in the
+// parameter's shape and dtype.
+at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int k,
+                       const at::Tensor& param) {
+    const bool per_channel = param.numel() != 1;
+    at::Tensor out = at::zeros({per_channel ? plan.channels : 1}, param.options().dtype(at::kDouble)
+                                                                     .device(at::kCPU));
+    double* o = out.data_ptr<double>();
+    for (int64_t c = 0; c < plan.channels; ++c) {
+        double s = 0.0;
+        for (int64_t b = 0; b < plan.blocks; ++b) s += partial[3 * (c * plan.blocks + b) + k];
+        o[per_channel ? c : 0] += s;
+    }
+    return out.to(param.scalar_type()).reshape(param.sizes());
+}
+
+std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                     const at::Tensor& lower, const at::Tensor& upper,
+                                     const at::Tensor& alpha, int64_t bits, int mode) {
+    check_input(op, "x", x);
+    check_grad(op, grad, x);
+    check_bits(op, bits);
+    bool per_channel = check_param(op, "lower", lower, x);
+    per_channel |= check_param(op, "upper", upper, x);
+    per_channel |= check_param(op, "alpha", alpha, x);
+    const Layout lay = make_layout(x, per_channel);
+    const Plan plan = make_plan(lay.x, per_channel);
+    std::vector<double> partial(3 * plan.tasks(), 0.0);
+    if (x.numel() > 0) {
+        const at::Tensor g = match_layout(grad, lay.x);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
+            if constexpr (std::is_same_v<scalar_t, double>)
+                backward_impl<scalar_t, double>(g, lay, plan, lower, upper, alpha, int(bits),
+                                                mode, partial);
+            else
+                backward_impl<scalar_t, float>(g, lay, plan, lower, upper, alpha, int(bits),
+                                               mode, partial);
+        });
+    }
+    return {lay.out, reduce_grad(partial, plan, 0, lower), reduce_grad(partial, plan, 1, upper),
+            reduce_grad(partial, plan, 2, alpha)};
+}
+
+at::Tensor dsq_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
+                            const at::Tensor& alpha, int64_t bits) {
+    return forward_cpu("dsq_quantize", x, lower, upper, &alpha, bits);
+}
+
+at::Tensor uniform_quantize_cpu(const at::Tensor& x, const at::Tensor& lower,
+                                const at::Tensor& upper, int64_t bits) {
+    return forward_cpu("uniform_quantize", x, lower, upper, nullptr, bits);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
+    const at::Tensor& alpha, int64_t bits) {
+    auto r = backward_cpu("dsq_quantize_backward", grad, x, lower, upper, alpha, bits,
+                          DSQ_MODE_DSQ);
+    return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
+    const at::Tensor& upper, int64_t bits) {
+    // alpha is unused in the straight-through mode; any valid per-tensor value will do.
+    const at::Tensor alpha = at::empty({}, lower.options().dtype(at::kFloat)).fill_(0.5);
+    auto r = backward_cpu("uniform_quantize_backward", grad, x, lower, upper, alpha, bits,
+                          DSQ_MODE_UNIFORM);
+    return {r[0], r[1], r[2]};
+}
+
+at::Tensor fast_tanh_cpu(const at::Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "_fast_tanh: x must be float32, got ",
+                x.scalar_type());
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty_like(xc);
+    dsq_tanh_f32_array(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+    return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dsq_ext, m) {
+    m.def("dsq_quantize(Tensor x, Tensor lower, Tensor upper, Tensor alpha, int bits) -> Tensor");
+    m.def(
+        "dsq_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, Tensor alpha, "
+        "int bits) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("uniform_quantize(Tensor x, Tensor lower, Tensor upper, int bits) -> Tensor");
+    m.def(
+        "uniform_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, int bits) "
+        "-> (Tensor, Tensor, Tensor)");
+    // The float tanh approximation the CPU DSQ backward uses; exposed for its accuracy test.
+    m.def("_fast_tanh(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dsq_ext, CPU, m) {
+    m.impl("dsq_quantize", &dsq_quantize_cpu);
+    m.impl("dsq_quantize_backward", &dsq_quantize_backward_cpu);
+    m.impl("uniform_quantize", &uniform_quantize_cpu);
+    m.impl("uniform_quantize_backward", &uniform_quantize_backward_cpu);
+    m.impl("_fast_tanh", &fast_tanh_cpu);
+}
+
+}  // namespace dsq_ext

@@ -1,0 +1,62 @@
+"""dsq_ext: Differentiable Soft Quantization (DSQ) for PyTorch, with C and CUDA kernels.
+
+    import torch, dsq_ext
+    y = dsq_ext.dsq_quantize(x, lower, upper, alpha, bits=4)
+    model = dsq_ext.quantize_model(model, method="dsq", w_bits=4, a_bits=4)
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "dsq_ext's compiled extension dsq_ext._C could not be loaded. Build it against the "
+        "installed torch with `pip install --no-build-isolation .` (or `make build`). "
+        f"Original error: {e}"
+    ) from e
+
+from .nn import (  # noqa: E402
+    DSQConv2d,
+    DSQLinear,
+    Quantizer,
+    param_groups,
+    quantize_model,
+    quantized_modules,
+    quantizer_parameters,
+)
+from .ops import (  # noqa: E402
+    dsq_quantize,
+    dsq_quantize_backward,
+    uniform_quantize,
+    uniform_quantize_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DSQConv2d",
+    "DSQLinear",
+    "Quantizer",
+    "build_info",
+    "dsq_quantize",
+    "dsq_quantize_backward",
+    "param_groups",
+    "quantize_model",
+    "quantized_modules",
+    "quantizer_parameters",
+    "uniform_quantize",
+    "uniform_quantize_backward",
+]
+
+
+def build_info() -> dict:
+    """What this build contains: its backends, and the torch and CUDA it was compiled against."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {
+        "version": __version__,
+        "backends": [k for k in ("CPU", "CUDA") if has("dsq_ext::dsq_quantize", k)],
+        "compiled_with_torch": _C.torch_version,
+        "compiled_with_cuda": _C.cuda_version or None,
+        "running_torch": torch.__version__,
+    }

@@ -1,0 +1,154 @@
+"""The dsq_ext operators: typed wrappers, their fake kernels, and their autograd.
+
+The kernels live in csrc/ and are registered as torch.ops.dsq_ext.*; this file
+adds what the dispatcher needs from Python: a fake (meta) kernel per op, so
+torch.compile can trace them, and the autograd formula, which calls the fused
+backward op.
+
+lower, upper and alpha are tensors: one element (per tensor) or 1-D of length
+x.size(0) (per channel). They are never read on the host, so nothing here
+synchronises a GPU or breaks a graph.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+__all__ = ["dsq_quantize", "uniform_quantize", "dsq_quantize_backward", "uniform_quantize_backward"]
+
+_ops = torch.ops.dsq_ext
+
+
+def _as_tensor(value, x: Tensor, name: str) -> Tensor:
+    # Plain numbers are accepted for convenience in notebooks; tensors pass through untouched.
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=x.device)
+    raise TypeError(f"{name} must be a Tensor or a real number, got {type(value).__name__}")
+
+
+def dsq_quantize(x: Tensor, lower, upper, alpha, bits: int) -> Tensor:
+    """DSQ fake quantization: the hard b-bit value of x in [lower, upper], DSQ's soft-staircase gradients."""
+    return _ops.dsq_quantize(
+        x,
+        _as_tensor(lower, x, "lower"),
+        _as_tensor(upper, x, "upper"),
+        _as_tensor(alpha, x, "alpha"),
+        _check_bits(bits),
+    )
+
+
+def uniform_quantize(x: Tensor, lower, upper, bits: int) -> Tensor:
+    """Uniform fake quantization with a straight-through estimator; learnable lower and upper."""
+    return _ops.uniform_quantize(
+        x, _as_tensor(lower, x, "lower"), _as_tensor(upper, x, "upper"), _check_bits(bits)
+    )
+
+
+def dsq_quantize_backward(grad, x, lower, upper, alpha, bits: int):
+    """The fused backward of dsq_quantize: (grad_x, grad_lower, grad_upper, grad_alpha)."""
+    return _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, bits)
+
+
+def uniform_quantize_backward(grad, x, lower, upper, bits: int):
+    """The fused backward of uniform_quantize: (grad_x, grad_lower, grad_upper)."""
+    return _ops.uniform_quantize_backward(grad, x, lower, upper, bits)
+
+
+def _check_bits(bits) -> int:
+    # The C++ check gives the same message; this one also catches floats and bools,
+    # which the schema would otherwise reject or convert with a less helpful error.
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int in 1..8, got {bits!r}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return int(bits)
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and strides only, the same rules as csrc/checks.h.
+
+
+def _out_like(x: Tensor, *params: Tensor) -> Tensor:
+    # Per tensor the output keeps x's (dense) layout; per channel it is contiguous.
+    if all(p.numel() == 1 for p in params):
+        return torch.empty_like(x)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("dsq_ext::dsq_quantize")
+def _(x, lower, upper, alpha, bits):
+    return _out_like(x, lower, upper, alpha)
+
+
+@torch.library.register_fake("dsq_ext::uniform_quantize")
+def _(x, lower, upper, bits):
+    return _out_like(x, lower, upper)
+
+
+@torch.library.register_fake("dsq_ext::dsq_quantize_backward")
+def _(grad, x, lower, upper, alpha, bits):
+    return (
+        _out_like(x, lower, upper, alpha),
+        torch.empty_like(lower),
+        torch.empty_like(upper),
+        torch.empty_like(alpha),
+    )
+
+
+@torch.library.register_fake("dsq_ext::uniform_quantize_backward")
+def _(grad, x, lower, upper, bits):
+    return _out_like(x, lower, upper), torch.empty_like(lower), torch.empty_like(upper)
+
+
+@torch.library.register_fake("dsq_ext::_fast_tanh")
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------
+# Autograd: only x (and the tiny parameters) are saved, never an intermediate.
+
+
+def _dsq_setup_context(ctx, inputs, output):
+    x, lower, upper, alpha, bits = inputs
+    ctx.save_for_backward(x, lower, upper, alpha)
+    ctx.bits = bits
+
+
+def _dsq_backward(ctx, grad):
+    x, lower, upper, alpha = ctx.saved_tensors
+    gx, gl, gu, ga = _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, ctx.bits)
+    need = ctx.needs_input_grad
+    return (
+        gx if need[0] else None,
+        gl if need[1] else None,
+        gu if need[2] else None,
+        ga if need[3] else None,
+        None,
+    )
+
+
+def _uniform_setup_context(ctx, inputs, output):
+    x, lower, upper, bits = inputs
+    ctx.save_for_backward(x, lower, upper)
+    ctx.bits = bits
+
+
+def _uniform_backward(ctx, grad):
+    x, lower, upper = ctx.saved_tensors
+    gx, gl, gu = _ops.uniform_quantize_backward(grad, x, lower, upper, ctx.bits)
+    need = ctx.needs_input_grad
+    return gx if need[0] else None, gl if need[1] else None, gu if need[2] else None, None
+
+
+torch.library.register_autograd(
+    "dsq_ext::dsq_quantize", _dsq_backward, setup_context=_dsq_setup_context
+)
+torch.library.register_autograd(
+    "dsq_ext::uniform_quantize", _uniform_backward, setup_context=_uniform_setup_context
+)

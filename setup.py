@@ -1,0 +1,99 @@
+"""Builds dsq_ext._C against the installed torch: `pip install --no-build-isolation .`
+
+Environment switches:
+  FORCE_CUDA=1 / FORCE_CUDA=0   build / skip the CUDA kernels whatever is detected
+  TORCH_CUDA_ARCH_LIST          GPU architectures (default: the visible GPUs, else "8.0;9.0+PTX")
+  DEBUG=1                       -O0 -g, no multi-versioned loops
+"""
+
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+# setuptools wants source paths relative to setup.py
+CSRC = "csrc"
+
+
+def cuda_decision():
+    """Whether to build the CUDA kernels, and why (printed, so a CPU-only build is never silent)."""
+    force = os.environ.get("FORCE_CUDA")
+    if force == "0":
+        return False, "FORCE_CUDA=0"
+    if force == "1":
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} was built without CUDA"
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return False, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        return False, f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME)"
+    return True, f"torch has CUDA {torch.version.cuda} and nvcc is in {CUDA_HOME}/bin"
+
+
+def get_libraries():
+    """The C11 kernels, compiled by the C compiler as C (not as C++)."""
+    cflags = ["-std=c11", "-fno-math-errno", "-fopenmp-simd", "-Wall", "-Wextra"]
+    cflags += ["-O0", "-g", "-DDSQ_NO_CLONES"] if DEBUG else ["-O3"]
+    return [
+        (
+            "dsq_kernels",
+            {"sources": [f"{CSRC}/dsq_kernels.c"], "include_dirs": [CSRC], "cflags": cflags},
+        )
+    ]
+
+
+def get_extensions():
+    with_cuda, why = cuda_decision()
+    print(f"dsq_ext: {'building' if with_cuda else 'not building'} the CUDA kernels: {why}")
+    sources = [f"{CSRC}/module.cpp", f"{CSRC}/ops.cpp"]
+    macros = [
+        ("DSQ_TORCH_VERSION", f'"{torch.__version__}"'),
+        ("Py_LIMITED_API", "0x030A0000"),
+    ]
+    cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+    extra = {"cxx": cxx}
+    ext = CppExtension
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            # No GPU to ask: A100 and H100/H200, plus PTX for newer cards.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        sources += [f"{CSRC}/cuda/dsq_cuda.cu", f"{CSRC}/cuda/ops_cuda.cpp"]
+        macros.append(("DSQ_CUDA_VERSION", f'"{torch.version.cuda}"'))
+        extra["nvcc"] = ["-O0", "-g"] if DEBUG else ["-O3", "-std=c++17"]
+        ext = CUDAExtension
+    return [
+        ext(
+            "dsq_ext._C",
+            sources,
+            include_dirs=[os.path.join(HERE, CSRC)],
+            define_macros=macros,
+            extra_compile_args=extra,
+            py_limited_api=True,
+        )
+    ]
+
+
+class BuildExt(BuildExtension):
+    # `setup.py build_ext` alone does not run build_clib; the extension links the C kernels.
+    def run(self):
+        self.run_command("build_clib")
+        super().run()
+
+
+setup(
+    name="dsq_ext",
+    version="0.1.0",
+    description="Differentiable Soft Quantization (DSQ) fake-quantization ops and layers for PyTorch",
+    packages=find_packages(include=["dsq_ext", "dsq_ext.*"]),
+    libraries=get_libraries(),
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": BuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+)
