@@ -151,7 +151,7 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
             d = k->A * sech2;                                                             \
             da = k->da_scale * (k->s * th - k->c * r * sech2);                            \
         } else {                                                                          \
-            d = k->ste;                                                                   \
+            d = k->ste + (r - r); /* r - r: 0, or NaN for a NaN x (never folded: no fast-math) */ \
             da = (T)0;                                                                    \
         }                                                                                 \
         const T gin = (below || above) ? (T)0 : g;                                        \

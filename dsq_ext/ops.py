@@ -73,6 +73,30 @@ def _check_bits(bits) -> int:
 # Fake kernels: shapes, dtypes and strides only, the same rules as csrc/checks.h.
 
 
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check(op: str, x: Tensor, bits: int, grad: Tensor | None = None, **params: Tensor) -> None:
+    # The checks of csrc/checks.h, so that tracing (and a meta tensor, which the
+    # dispatcher would send here) fails with the same message as the kernels.
+    if x.dtype not in _FLOATS:
+        raise RuntimeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if not 1 <= bits <= 8:
+        raise RuntimeError(f"{op}: bits must be in 1..8, got {bits}")
+    for name, p in params.items():
+        if p.dtype not in _FLOATS:
+            raise RuntimeError(f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, got {p.dtype}")
+        if p.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {p.device} but x is on {x.device}")
+        if p.numel() != 1 and not (x.dim() >= 1 and p.dim() == 1 and p.shape[0] == x.shape[0]):
+            raise RuntimeError(
+                f"{op}: {name} must have one element (per tensor) or shape [x.size(0)] (per channel); "
+                f"got {name} of shape {list(p.shape)} for x of shape {list(x.shape)}"
+            )
+    if grad is not None and (grad.shape != x.shape or grad.device != x.device):
+        raise RuntimeError(f"{op}: grad must have x's shape {list(x.shape)} and device, got {list(grad.shape)}")
+
+
 def _out_like(x: Tensor, *params: Tensor) -> Tensor:
     # Per tensor the output keeps x's (dense) layout; per channel it is contiguous.
     if all(p.numel() == 1 for p in params):
@@ -82,16 +106,19 @@ def _out_like(x: Tensor, *params: Tensor) -> Tensor:
 
 @torch.library.register_fake("dsq_ext::dsq_quantize")
 def _(x, lower, upper, alpha, bits):
+    _check("dsq_quantize", x, bits, lower=lower, upper=upper, alpha=alpha)
     return _out_like(x, lower, upper, alpha)
 
 
 @torch.library.register_fake("dsq_ext::uniform_quantize")
 def _(x, lower, upper, bits):
+    _check("uniform_quantize", x, bits, lower=lower, upper=upper)
     return _out_like(x, lower, upper)
 
 
 @torch.library.register_fake("dsq_ext::dsq_quantize_backward")
 def _(grad, x, lower, upper, alpha, bits):
+    _check("dsq_quantize_backward", x, bits, grad, lower=lower, upper=upper, alpha=alpha)
     return (
         _out_like(x, lower, upper, alpha),
         torch.empty_like(lower),
@@ -102,6 +129,7 @@ def _(grad, x, lower, upper, alpha, bits):
 
 @torch.library.register_fake("dsq_ext::uniform_quantize_backward")
 def _(grad, x, lower, upper, bits):
+    _check("uniform_quantize_backward", x, bits, grad, lower=lower, upper=upper)
     return _out_like(x, lower, upper), torch.empty_like(lower), torch.empty_like(upper)
 
 
