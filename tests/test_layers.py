@@ -1,0 +1,247 @@
+"""DSQConv2d, DSQLinear, Quantizer and the model helpers."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import dsq_ext
+from dsq_ext import DSQConv2d, DSQLinear, Quantizer, dsq_quantize, uniform_quantize
+
+
+def conv(device="cpu", **kw):
+    torch.manual_seed(0)
+    return DSQConv2d(8, 16, 3, padding=1, device=device, **kw)
+
+
+@pytest.mark.parametrize("method", ["dsq", "uniform"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_conv_equals_conv2d_of_quantized_weight_and_input(device, method, per_channel):
+    layer = conv(device, method=method, per_channel=per_channel)
+    x = torch.randn(4, 8, 10, 10, device=device).relu()
+    y = layer(x)
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    if method == "dsq":
+        w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 4)
+        xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 4)
+    else:
+        w = uniform_quantize(layer.weight, wq.lower, wq.upper, 4)
+        xin = uniform_quantize(x, aq.lower, aq.upper, 4)
+    torch.testing.assert_close(y, F.conv2d(xin, w, layer.bias, padding=1), atol=0, rtol=0)
+    # the weight really is on a 4-bit grid per (channel) range
+    levels = torch.unique(w[0] if per_channel else w)
+    assert len(levels) <= 16
+
+
+def test_linear_equals_linear_of_quantized(device):
+    layer = DSQLinear(12, 5, device=device, w_bits=3, a_bits=2)
+    x = torch.randn(7, 12, device=device)
+    y = layer(x)
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 3)
+    xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 2)
+    torch.testing.assert_close(y, F.linear(xin, w, layer.bias), atol=0, rtol=0)
+    assert len(torch.unique(xin)) <= 4
+
+
+def test_learned_bounds_initialised_once_from_first_training_batch():
+    layer = conv(per_channel=True)
+    x1 = torch.randn(4, 8, 6, 6)
+    layer(x1)
+    wq, aq = layer.weight_quantizer, layer.act_quantizer
+    torch.testing.assert_close(wq.lower.detach(), layer.weight.detach().flatten(1).amin(1))
+    torch.testing.assert_close(wq.upper.detach(), layer.weight.detach().flatten(1).amax(1))
+    assert wq.lower.shape == (16,)
+    torch.testing.assert_close(aq.lower.detach(), x1.min())
+    torch.testing.assert_close(aq.upper.detach(), x1.max())
+    assert bool(aq.initialized) and bool(wq.initialized)
+    # a second batch with a different range does not re-initialise
+    layer(10 * torch.randn(4, 8, 6, 6))
+    torch.testing.assert_close(aq.upper.detach(), x1.max())
+
+
+def test_eval_never_uses_batch_statistics():
+    layer = conv().eval()
+    with pytest.raises(RuntimeError, match="activation quantizer has no bounds yet"):
+        layer(torch.randn(2, 8, 5, 5))
+    # weights may still be initialised in eval (their range is not a batch statistic)
+    layer.train()
+    layer(torch.randn(2, 8, 5, 5))
+    layer.eval()
+    lo = layer.act_quantizer.lower.detach().clone()
+    layer(100 * torch.randn(2, 8, 5, 5))
+    assert torch.equal(layer.act_quantizer.lower.detach(), lo)
+
+
+def test_ema_bounds():
+    layer = conv(bounds="ema", momentum=0.5)
+    aq = layer.act_quantizer
+    assert "lower" not in dict(aq.named_parameters()) and "lower" in dict(aq.named_buffers())
+    x1, x2 = torch.randn(2, 8, 5, 5), 3 * torch.randn(2, 8, 5, 5)
+    layer(x1)
+    torch.testing.assert_close(aq.upper, x1.max())
+    layer(x2)
+    torch.testing.assert_close(aq.upper, 0.5 * x1.max() + 0.5 * x2.max())
+    before = aq.upper.clone()
+    layer.eval()(5 * x2)
+    assert torch.equal(aq.upper, before)
+    # alpha is still learned with ema bounds
+    assert [n for n, _ in aq.named_parameters()] == ["alpha"]
+
+
+def test_state_dict_round_trip_does_not_reinitialise():
+    src = conv(per_channel=True)
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        src(torch.randn(2, 8, 6, 6)).square().mean().backward()
+        opt.step()
+    sd = src.state_dict()
+    assert {"weight_quantizer.lower", "weight_quantizer.initialized", "act_quantizer.alpha"} <= set(sd)
+    dst = conv(per_channel=True)
+    dst.load_state_dict(sd)
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x), atol=0, rtol=0)
+    # training again (as after a resume) keeps the loaded bounds
+    dst.train()(50 * torch.randn(2, 8, 6, 6))
+    torch.testing.assert_close(dst.act_quantizer.upper, src.act_quantizer.upper)
+
+
+def test_from_float_and_to_float():
+    ref = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=True)
+    q = DSQConv2d.from_float(ref, w_bits=2, a_bits=None)
+    assert q.act_quantizer is None and q.groups == 2 and q.stride == (2, 2)
+    assert torch.equal(q.weight, ref.weight) and torch.equal(q.bias, ref.bias)
+    back = q.to_float()
+    assert type(back) is nn.Conv2d
+    x = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(back(x), ref(x))
+    lin = DSQLinear.from_float(nn.Linear(3, 2, bias=False), method="uniform")
+    assert lin.bias is None and lin.weight_quantizer.alpha is None
+    with pytest.raises(TypeError, match="expects Linear, got Conv2d"):
+        DSQLinear.from_float(ref)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="method must be one of"):
+        conv(method="lsq")
+    with pytest.raises(ValueError, match="w_bits must be an int in 1..8 or None, got 9"):
+        conv(w_bits=9)
+    with pytest.raises(ValueError, match="bounds must be one of"):
+        conv(bounds="minmax")
+    with pytest.raises(ValueError, match=r"alpha_init must be in \(0, 0.5\], got 0.7"):
+        conv(alpha_init=0.7)
+
+
+def test_grad_scale_scales_quantizer_gradients_only():
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 6, 6)
+    grads = {}
+    for scale in (True, False):
+        layer = conv(grad_scale=scale)
+        layer(x).sum().backward()
+        grads[scale] = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    n_act = x.numel()
+    s = 1 / math.sqrt(n_act * 15)
+    for name in ("act_quantizer.lower", "act_quantizer.upper", "act_quantizer.alpha"):
+        torch.testing.assert_close(grads[True][name], grads[False][name] * s)
+    torch.testing.assert_close(grads[True]["weight"], grads[False]["weight"])
+
+
+def test_quantize_model_resnet18():
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 4, 4)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 20
+    assert sum(isinstance(m, DSQConv2d) for m in convs) == 19
+    assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert [n for n, _ in dsq_ext.quantized_modules(model)][:2] == ["layer1.0.conv1", "layer1.0.conv2"]
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert model.layer1[0].conv1.act_quantizer.alpha.grad is not None
+    # everything quantized when asked
+    full = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "uniform", 2, 2, skip_first=False, skip_last=False)
+    assert isinstance(full.conv1, DSQConv2d) and isinstance(full.fc, DSQLinear)
+
+
+def test_quantize_model_mobilenet_v2_depthwise():
+    model = dsq_ext.quantize_model(torchvision.models.mobilenet_v2(num_classes=10), "dsq", 4, 4, per_channel=True)
+    depthwise = [m for m in model.modules() if isinstance(m, DSQConv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels for m in depthwise)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(m.weight.grad is not None for m in depthwise)
+
+
+def test_param_groups_keep_quantizer_parameters_out_of_weight_decay():
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 4, 4)
+    q = dsq_ext.quantizer_parameters(model)
+    assert len(q) == 19 * 2 * 3  # 19 layers x (weight, activation) x (lower, upper, alpha)
+    groups = dsq_ext.param_groups(model, 1e-4)
+    assert groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) == len(q)
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters()))
+
+
+def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
+    # The ImageNet example's lr 0.1 (momentum 0.9): with the layers' gradient
+    # scaling, alpha, lower and upper stay finite and alpha stays usable.
+    torch.manual_seed(0)
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 2, 2)
+    opt = torch.optim.SGD(dsq_ext.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    x, target = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+    assert math.isfinite(loss.item())
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            for p in (m.lower, m.upper, m.alpha):
+                assert torch.isfinite(p).all()
+            assert 0 < m.alpha.item() < 1
+
+
+def test_compile_fullgraph_forward_backward():
+    layer = conv(per_channel=True)
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    layer(x)  # bounds are initialised eagerly on the first training step
+    ref_layer = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    ref_layer(xr).square().sum().backward()
+    torch.testing.assert_close(y, ref_layer(xr))
+    torch.testing.assert_close(x.grad, xr.grad)
+    for (n, p), (_, r) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, msg=n)
+
+
+def test_compile_inductor_matches_eager():
+    layer = conv(method="dsq")
+    x = torch.randn(2, 8, 7, 7)
+    layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_autocast_bfloat16_cpu():
+    layer = conv()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert torch.isfinite(layer.act_quantizer.alpha.grad)
+
+
+def test_to_device_and_dtype_keep_quantizer_state():
+    layer = conv()
+    layer(torch.randn(2, 8, 5, 5))
+    moved = copy.deepcopy(layer).double()
+    assert moved.act_quantizer._initialized
+    y = moved.eval()(torch.randn(2, 8, 5, 5, dtype=torch.float64))
+    assert y.dtype == torch.float64
