@@ -19,24 +19,23 @@
 #define DSQ_DEFINE_KERNELS(T, SFX)                                                          \
     DSQ_HOT void dsq_forward_##SFX(const T *restrict x, T *restrict y, int64_t n, T lower,  \
                                    T upper, int bits) {                                     \
-        dsq_coef_##SFX k;                                                                   \
-        dsq_coef_init_##SFX(&k, lower, upper, (T)DSQ_ALPHA_MAX, bits);                      \
-        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_##SFX(&k, x[j]); \
+        const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, (T)DSQ_ALPHA_MAX, bits); \
+        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_##SFX(k, x[j]); \
     }                                                                                       \
                                                                                             \
     /* mode is a compile-time constant at each call site below, so the branch on it folds */ \
-    static inline void backward_run_##SFX(const dsq_coef_##SFX *k, const int mode,          \
+    static inline void backward_run_##SFX(const dsq_coef_##SFX k, const int mode,           \
                                           const T *restrict g, const T *restrict x,         \
                                           T *restrict dx, int64_t n, double sums[3]) {      \
         for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {                                    \
             const int64_t e = n - b < DSQ_SUB_BLOCK ? n : b + DSQ_SUB_BLOCK;                \
             T sl = 0, su = 0, sa = 0;                                                       \
             _Pragma("omp simd reduction(+ : sl, su, sa)") for (int64_t j = b; j < e; ++j) { \
-                T gl, gu, ga;                                                               \
-                dx[j] = dsq_elem_backward_##SFX(k, mode, x[j], g[j], &gl, &gu, &ga);             \
-                sl += gl;                                                                   \
-                su += gu;                                                                   \
-                sa += ga;                                                                   \
+                const dsq_grad_##SFX d = dsq_elem_backward_##SFX(k, mode, x[j], g[j]);      \
+                dx[j] = d.dx;                                                               \
+                sl += d.dl;                                                                 \
+                su += d.du;                                                                 \
+                sa += d.da;                                                                 \
             }                                                                               \
             sums[0] += (double)sl;                                                          \
             sums[1] += (double)su;                                                          \
@@ -46,12 +45,11 @@
                                                                                             \
     DSQ_HOT void dsq_backward_##SFX(const T *g, const T *x, T *dx, int64_t n, T lower,      \
                                     T upper, T alpha, int bits, int mode, double sums[3]) { \
-        dsq_coef_##SFX k;                                                                   \
-        dsq_coef_init_##SFX(&k, lower, upper, alpha, bits);                                 \
+        const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, alpha, bits);            \
         if (mode == DSQ_MODE_DSQ)                                                           \
-            backward_run_##SFX(&k, DSQ_MODE_DSQ, g, x, dx, n, sums);                        \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, g, x, dx, n, sums);                         \
         else                                                                                \
-            backward_run_##SFX(&k, DSQ_MODE_UNIFORM, g, x, dx, n, sums);                    \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, g, x, dx, n, sums);                     \
     }
 
 DSQ_DEFINE_KERNELS(float, f32)

@@ -67,11 +67,13 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
 
 /*
  * DSQ_DEFINE_MATH(T, SFX, EXP, LOG, FLOOR) defines, for the real type T:
- *   dsq_coef_SFX                 the scalars derived once per tensor or channel
- *   dsq_coef_init_SFX(...)       derives them from (lower, upper, alpha, bits)
-  *   dsq_elem_forward_SFX(k, x)       the hard quantized value
- *   dsq_elem_backward_SFX(k, mode, x, g, &gl, &gu, &ga)
- *                                returns g * dy/dx and writes g * dy/d{l,u,alpha}
+ *   dsq_coef_SFX                        the scalars derived once per tensor or channel
+ *   dsq_coef_make_SFX(l, u, alpha, b)   derives them
+ *   dsq_elem_forward_SFX(k, x)          the hard quantized value
+ *   dsq_elem_backward_SFX(k, mode, x, g)
+ *                                       g * dy/dx and g * dy/d{l, u, alpha}
+ * Everything is passed and returned by value: after inlining, the compiler
+ * keeps the coefficients in registers and vectorises the loops over elements.
  */
 #define DSQ_DEFINE_MATH(T, SFX, EXP, LOG, FLOOR)                                          \
     typedef struct {                                                                      \
@@ -86,7 +88,12 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
         T da_scale; /* Delta s / 2, or 0 when alpha was clamped */                        \
     } dsq_coef_##SFX;                                                                     \
                                                                                           \
-    DSQ_FN void dsq_coef_init_##SFX(dsq_coef_##SFX *k, T lower, T upper, T alpha, int bits) { \
+    typedef struct {                                                                      \
+        T dx, dl, du, da; /* g times dy/dx, dy/dl, dy/du, dy/dalpha */                    \
+    } dsq_grad_##SFX;                                                                     \
+                                                                                          \
+    DSQ_FN dsq_coef_##SFX dsq_coef_make_##SFX(T lower, T upper, T alpha, int bits) {      \
+        dsq_coef_##SFX k;                                                                 \
         const T n = (T)((1 << bits) - 1);                                                 \
         T delta = (upper - lower) / n;                                                    \
         const int degenerate = !(delta > (T)0);                                           \
@@ -94,73 +101,72 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
             delta = (T)0;                                                                 \
             upper = lower;                                                                \
         }                                                                                 \
-        k->l = lower;                                                                     \
-        k->u = upper;                                                                     \
-        k->delta = delta;                                                                 \
-        k->div = degenerate ? (T)1 : delta;                                               \
-        k->nlev = n;                                                                      \
-        k->inv_n = (T)1 / n;                                                              \
+        k.l = lower;                                                                      \
+        k.u = upper;                                                                      \
+        k.delta = delta;                                                                  \
+        k.div = degenerate ? (T)1 : delta;                                                \
+        k.nlev = n;                                                                       \
+        k.inv_n = (T)1 / n;                                                               \
         /* k = L / Delta <= K_MAX  <=>  alpha >= 2 / (1 + exp(K_MAX Delta)) */            \
-        T hi = (T)DSQ_ALPHA_MAX;                                                          \
+        const T hi = (T)DSQ_ALPHA_MAX;                                                    \
         T lo = (T)2 / ((T)1 + EXP((T)DSQ_K_MAX * delta));                                 \
         if (lo < (T)DSQ_ALPHA_MIN) lo = (T)DSQ_ALPHA_MIN;                                 \
         if (lo > hi) lo = hi;                                                             \
         /* written so that a NaN alpha stays NaN instead of being clamped away */         \
         const int live = alpha >= lo && alpha <= hi;                                      \
-        T a = alpha < lo ? lo : (alpha > hi ? hi : alpha);                                \
-        k->s = (T)1 / ((T)1 - a);                                                         \
-        k->L = LOG((T)2 / a - (T)1);                                                      \
-        k->c = (T)2 / (a * ((T)2 - a));                                                   \
-        k->A = degenerate ? (T)0 : k->s * k->L / (T)2;                                    \
-        k->ste = degenerate ? (T)0 : (T)1;                                                \
-        k->da_scale = live ? delta * k->s / (T)2 : (T)0;                                  \
-        if (alpha != alpha) k->da_scale = alpha; /* NaN alpha: NaN gradient */            \
+        const T a = alpha < lo ? lo : (alpha > hi ? hi : alpha);                          \
+        k.s = (T)1 / ((T)1 - a);                                                          \
+        k.L = LOG((T)2 / a - (T)1);                                                       \
+        k.c = (T)2 / (a * ((T)2 - a));                                                    \
+        k.A = degenerate ? (T)0 : k.s * k.L / (T)2;                                       \
+        k.ste = degenerate ? (T)0 : (T)1;                                                 \
+        k.da_scale = live ? delta * k.s / (T)2 : (T)0;                                    \
+        if (alpha != alpha) k.da_scale = alpha; /* NaN alpha: NaN gradient */             \
+        return k;                                                                         \
     }                                                                                     \
                                                                                           \
-    /* v in [0, N], interval index i and hard level Q of an element already clipped */   \
-    DSQ_FN T dsq_level_##SFX(const dsq_coef_##SFX *k, T xc, T *v_out, T *r_out) {        \
-        T v = (xc - k->l) / k->div;                                                       \
-        v = v > k->nlev ? k->nlev : v;                                                    \
-        T i = FLOOR(v);                                                                   \
-        i = i > k->nlev - (T)1 ? k->nlev - (T)1 : i;                                      \
-        const T r = v - i - (T)0.5; /* exact: v - floor(v) and the 1/2 are exact */      \
-        *v_out = v;                                                                       \
-        *r_out = r;                                                                       \
-        return i + (r >= (T)0 ? (T)1 : (T)0); /* round half up */                        \
-    }                                                                                     \
-                                                                                          \
-    DSQ_FN T dsq_elem_forward_##SFX(const dsq_coef_##SFX *k, T x) {                           \
+    DSQ_FN T dsq_elem_forward_##SFX(const dsq_coef_##SFX k, T x) {                        \
         /* not fmin/fmax: those would turn a NaN x into a bound */                        \
-        const T xc = x < k->l ? k->l : (x > k->u ? k->u : x);                             \
-        T v, r;                                                                           \
-        const T q = dsq_level_##SFX(k, xc, &v, &r);                                       \
-        return k->l + k->delta * q;                                                       \
+        const T xc = x < k.l ? k.l : (x > k.u ? k.u : x);                                 \
+        T v = (xc - k.l) / k.div;                                                         \
+        v = v > k.nlev ? k.nlev : v;                                                      \
+        T i = FLOOR(v);                                                                   \
+        i = i > k.nlev - (T)1 ? k.nlev - (T)1 : i;                                        \
+        /* exact: v - floor(v) and the 1/2 are exact, so this is round half up */         \
+        const T q = i + (v - i - (T)0.5 >= (T)0 ? (T)1 : (T)0);                           \
+        return k.l + k.delta * q;                                                         \
     }                                                                                     \
                                                                                           \
-    DSQ_FN T dsq_elem_backward_##SFX(const dsq_coef_##SFX *k, const int mode, T x, T g, T *gl, \
-                                T *gu, T *ga) {                                           \
-        const int below = x < k->l;                                                       \
-        const int above = x > k->u;                                                       \
-        const T xc = below ? k->l : (above ? k->u : x);                                   \
-        T v, r;                                                                           \
-        const T q = dsq_level_##SFX(k, xc, &v, &r);                                       \
+    DSQ_FN dsq_grad_##SFX dsq_elem_backward_##SFX(const dsq_coef_##SFX k, const int mode, \
+                                                  T x, T g) {                             \
+        const int below = x < k.l;                                                        \
+        const int above = x > k.u;                                                        \
+        const T xc = below ? k.l : (above ? k.u : x);                                     \
+        T v = (xc - k.l) / k.div;                                                         \
+        v = v > k.nlev ? k.nlev : v;                                                      \
+        T i = FLOOR(v);                                                                   \
+        i = i > k.nlev - (T)1 ? k.nlev - (T)1 : i;                                        \
+        const T r = v - i - (T)0.5;                                                       \
+        const T q = i + (r >= (T)0 ? (T)1 : (T)0);                                        \
         T d, da;                                                                          \
         if (mode == DSQ_MODE_DSQ) {                                                       \
-            const T th = dsq_tanh_##SFX(k->L * r);                                        \
+            const T th = dsq_tanh_##SFX(k.L * r);                                         \
             const T sech2 = (T)1 - th * th;                                               \
-            d = k->A * sech2;                                                             \
-            da = k->da_scale * (k->s * th - k->c * r * sech2);                            \
+            d = k.A * sech2;                                                              \
+            da = k.da_scale * (k.s * th - k.c * r * sech2);                               \
         } else {                                                                          \
-            d = k->ste + (r - r); /* r - r: 0, or NaN for a NaN x (never folded: no fast-math) */ \
+            d = k.ste + (r - r); /* r - r: 0, or NaN for a NaN x (never folded: no fast-math) */ \
             da = (T)0;                                                                    \
         }                                                                                 \
         const T gin = (below || above) ? (T)0 : g;                                        \
-        const T vn = v * k->inv_n;                                                        \
-        const T qn = q * k->inv_n;                                                        \
-        *gl = (below ? g : (T)0) + gin * ((T)1 - qn - d * ((T)1 - vn));                   \
-        *gu = (above ? g : (T)0) + gin * (qn - d * vn);                                   \
-        *ga = gin * da;                                                                   \
-        return gin * d;                                                                   \
+        const T vn = v * k.inv_n;                                                         \
+        const T qn = q * k.inv_n;                                                         \
+        dsq_grad_##SFX out;                                                               \
+        out.dx = gin * d;                                                                 \
+        out.dl = (below ? g : (T)0) + gin * ((T)1 - qn - d * ((T)1 - vn));                \
+        out.du = (above ? g : (T)0) + gin * (qn - d * vn);                                \
+        out.da = gin * da;                                                                \
+        return out;                                                                       \
     }
 
 DSQ_DEFINE_MATH(float, f32, expf, logf, floorf)
