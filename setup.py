@@ -9,8 +9,15 @@ Environment switches:
 import os
 import shutil
 
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:
+    raise SystemExit(
+        "dsq_ext is compiled against the torch that is already installed. Install torch first, "
+        "then build with: pip install --no-build-isolation ."
+    ) from None
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -1,8 +1,8 @@
 """dsq_ext: Differentiable Soft Quantization (DSQ) for PyTorch, with C and CUDA kernels.
 
-    import torch, dsq_ext
-    y = dsq_ext.dsq_quantize(x, lower, upper, alpha, bits=4)
-    model = dsq_ext.quantize_model(model, method="dsq", w_bits=4, a_bits=4)
+import torch, dsq_ext
+y = dsq_ext.dsq_quantize(x, lower, upper, alpha, bits=4)
+model = dsq_ext.quantize_model(model, method="dsq", w_bits=4, a_bits=4)
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)

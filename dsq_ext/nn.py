@@ -204,9 +204,7 @@ class _QuantMixin:
             if w_bits is not None
             else None
         )
-        self.act_quantizer = (
-            Quantizer(a_bits, is_activation=True, **common) if a_bits is not None else None
-        )
+        self.act_quantizer = Quantizer(a_bits, is_activation=True, **common) if a_bits is not None else None
         self.method, self.w_bits, self.a_bits, self.per_channel = method, w_bits, a_bits, per_channel
 
     def quantized_weight(self) -> Tensor:
@@ -220,7 +218,9 @@ class _QuantMixin:
     def from_float(cls, mod: nn.Module, **kwargs):
         """A quantized copy of a float nn.Conv2d / nn.Linear (same weights, device and dtype)."""
         if type(mod) is not cls._FLOAT:
-            raise TypeError(f"{cls.__name__}.from_float expects {cls._FLOAT.__name__}, got {type(mod).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_float expects {cls._FLOAT.__name__}, got {type(mod).__name__}"
+            )
         new = cls(**cls._float_config(mod), device=mod.weight.device, dtype=mod.weight.dtype, **kwargs)
         with torch.no_grad():
             new.weight.copy_(mod.weight)
@@ -354,11 +354,11 @@ def quantize_model(
     Layers are taken in registration order; by default the first one (the stem
     conv) and the last one (the classifier) stay float, as in the paper.
     """
-    candidates = [
-        (name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""
-    ]
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
     if type(model) in _SWAPS:
-        raise TypeError("quantize_model swaps the layers inside a model; use DSQConv2d.from_float for one layer")
+        raise TypeError(
+            "quantize_model swaps the layers inside a model; use DSQConv2d.from_float for one layer"
+        )
     first = 1 if skip_first else 0
     last = len(candidates) - (1 if skip_last else 0)
     for name, mod in candidates[first:last]:

@@ -85,7 +85,9 @@ def _check(op: str, x: Tensor, bits: int, grad: Tensor | None = None, **params: 
         raise RuntimeError(f"{op}: bits must be in 1..8, got {bits}")
     for name, p in params.items():
         if p.dtype not in _FLOATS:
-            raise RuntimeError(f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, got {p.dtype}")
+            raise RuntimeError(
+                f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, got {p.dtype}"
+            )
         if p.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {p.device} but x is on {x.device}")
         if p.numel() != 1 and not (x.dim() >= 1 and p.dim() == 1 and p.shape[0] == x.shape[0]):
@@ -94,7 +96,9 @@ def _check(op: str, x: Tensor, bits: int, grad: Tensor | None = None, **params: 
                 f"got {name} of shape {list(p.shape)} for x of shape {list(x.shape)}"
             )
     if grad is not None and (grad.shape != x.shape or grad.device != x.device):
-        raise RuntimeError(f"{op}: grad must have x's shape {list(x.shape)} and device, got {list(grad.shape)}")
+        raise RuntimeError(
+            f"{op}: grad must have x's shape {list(x.shape)} and device, got {list(grad.shape)}"
+        )
 
 
 def _out_like(x: Tensor, *params: Tensor) -> Tensor:
@@ -174,9 +178,7 @@ def _uniform_backward(ctx, grad):
     return gx if need[0] else None, gl if need[1] else None, gu if need[2] else None, None
 
 
-torch.library.register_autograd(
-    "dsq_ext::dsq_quantize", _dsq_backward, setup_context=_dsq_setup_context
-)
+torch.library.register_autograd("dsq_ext::dsq_quantize", _dsq_backward, setup_context=_dsq_setup_context)
 torch.library.register_autograd(
     "dsq_ext::uniform_quantize", _uniform_backward, setup_context=_uniform_setup_context
 )

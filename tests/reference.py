@@ -24,7 +24,9 @@ def _alpha_eff(alpha, delta):
     # The clamp range counts as a constant (no gradient through it), as in the kernels.
     d = delta.detach()
     lo = torch.clamp(2.0 / (1.0 + torch.exp(K_MAX * d)), min=ALPHA_MIN).clamp(max=ALPHA_MAX)
-    return torch.where(alpha < lo, lo, torch.where(alpha > ALPHA_MAX, torch.full_like(alpha, ALPHA_MAX), alpha))
+    return torch.where(
+        alpha < lo, lo, torch.where(alpha > ALPHA_MAX, torch.full_like(alpha, ALPHA_MAX), alpha)
+    )
 
 
 def composite(x, lower, upper, alpha, bits, mode="dsq"):

@@ -163,12 +163,16 @@ def test_quantize_model_resnet18():
     out.sum().backward()
     assert model.layer1[0].conv1.act_quantizer.alpha.grad is not None
     # everything quantized when asked
-    full = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "uniform", 2, 2, skip_first=False, skip_last=False)
+    full = dsq_ext.quantize_model(
+        torchvision.models.resnet18(num_classes=10), "uniform", 2, 2, skip_first=False, skip_last=False
+    )
     assert isinstance(full.conv1, DSQConv2d) and isinstance(full.fc, DSQLinear)
 
 
 def test_quantize_model_mobilenet_v2_depthwise():
-    model = dsq_ext.quantize_model(torchvision.models.mobilenet_v2(num_classes=10), "dsq", 4, 4, per_channel=True)
+    model = dsq_ext.quantize_model(
+        torchvision.models.mobilenet_v2(num_classes=10), "dsq", 4, 4, per_channel=True
+    )
     depthwise = [m for m in model.modules() if isinstance(m, DSQConv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels for m in depthwise)
     model(torch.randn(2, 3, 32, 32)).sum().backward()

@@ -245,7 +245,9 @@ def test_exact_points(device, mode, dtype, bits):
 def test_bounds_are_inside():
     # x == l and x == u are inside: they get dy/dx and no "outside" gradient.
     x = torch.tensor([0.0, 3.0], dtype=torch.float64)
-    y, gx, gl, gu, _ = per_element_grads("dsq", x, torch.tensor(0.0).double(), torch.tensor(3.0).double(), torch.tensor(0.2).double(), 2)
+    y, gx, gl, gu, _ = per_element_grads(
+        "dsq", x, torch.tensor(0.0).double(), torch.tensor(3.0).double(), torch.tensor(0.2).double(), 2
+    )
     torch.testing.assert_close(y, x)
     assert (gx > 0).all()
     assert gl[1] == 0 or abs(gl[1]) < 1.0  # u's element: no full "below" gradient for l
@@ -265,7 +267,14 @@ def test_alpha_clamped_at_and_beyond_limits(device, bits):
         return kernel_grads("dsq", x, lower, upper, torch.tensor(alpha, device=device), bits, g)
 
     at_floor, at_top = grads(1e-3), grads(0.5)
-    for beyond, at in ((1e-5, at_floor), (-0.1, at_floor), (0.0, at_floor), (0.7, at_top), (1.0, at_top), (2.0, at_top)):
+    for beyond, at in (
+        (1e-5, at_floor),
+        (-0.1, at_floor),
+        (0.0, at_floor),
+        (0.7, at_top),
+        (1.0, at_top),
+        (2.0, at_top),
+    ):
         got = grads(beyond)
         for t in got:
             assert torch.isfinite(t).all(), beyond
@@ -290,7 +299,9 @@ def test_alpha_k_bound_for_tiny_delta():
 def test_degenerate_bounds_are_finite(device, mode, upper_value):
     x = torch.linspace(-1, 1, 41, device=device)
     lower, upper = torch.tensor(0.3, device=device), torch.tensor(upper_value, device=device)
-    y, gx, gl, gu, ga = kernel_grads(mode, x, lower, upper, torch.tensor(0.2, device=device), 4, torch.ones_like(x))
+    y, gx, gl, gu, ga = kernel_grads(
+        mode, x, lower, upper, torch.tensor(0.2, device=device), 4, torch.ones_like(x)
+    )
     for t in (y, gx, gl, gu, ga):
         assert torch.isfinite(t).all()
     if upper_value <= 0.3:
@@ -298,7 +309,9 @@ def test_degenerate_bounds_are_finite(device, mode, upper_value):
         assert (gx == 0).all()
         assert gl.item() == (x < 0.3).sum().item() + (x == 0.3).sum().item()
         assert gu.item() == (x > 0.3).sum().item()
-    ry, rgx, rgl, rgu, rga = closed_form(x.cpu(), lower.cpu(), upper.cpu(), torch.tensor(0.2), 4, torch.ones(41), mode)
+    ry, rgx, rgl, rgu, rga = closed_form(
+        x.cpu(), lower.cpu(), upper.cpu(), torch.tensor(0.2), 4, torch.ones(41), mode
+    )
     torch.testing.assert_close(y.cpu().double(), ry)
     torch.testing.assert_close(gl.cpu().double(), rgl)
     torch.testing.assert_close(gu.cpu().double(), rgu)
@@ -332,7 +345,11 @@ def test_nan_in_upstream_gradient_propagates():
 @pytest.mark.parametrize("mode", MODES)
 def test_empty(device, mode, per_channel):
     x = torch.empty(0, 3, device=device)
-    p = (lambda v: torch.full((0,), v, device=device)) if per_channel else (lambda v: torch.tensor(v, device=device))
+    p = (
+        (lambda v: torch.full((0,), v, device=device))
+        if per_channel
+        else (lambda v: torch.tensor(v, device=device))
+    )
     y, gx, gl, gu, ga = kernel_grads(mode, x, p(-1.0), p(1.0), p(0.2), 4, torch.empty_like(x))
     assert y.shape == (0, 3) and gx.shape == (0, 3)
     assert gl.shape == p(0.0).shape
@@ -350,9 +367,15 @@ def test_non_contiguous_and_channels_last(device, mode, per_channel):
     g = torch.randn_like(x)
     ref = kernel_grads(mode, x, lower, upper, a, 3, g)
     views = {
-        "channels_last": (x.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)),
+        "channels_last": (
+            x.contiguous(memory_format=torch.channels_last),
+            g.contiguous(memory_format=torch.channels_last),
+        ),
         "strided": (torch.stack([x, x], -1)[..., 0], torch.stack([g, g], -1)[..., 1]),
-        "transposed": (x.transpose(1, 2).contiguous().transpose(1, 2), g.transpose(2, 3).contiguous().transpose(2, 3)),
+        "transposed": (
+            x.transpose(1, 2).contiguous().transpose(1, 2),
+            g.transpose(2, 3).contiguous().transpose(2, 3),
+        ),
     }
     for name, (xv, gv) in views.items():
         got = kernel_grads(mode, xv, lower, upper, a, 3, gv)
@@ -386,7 +409,9 @@ def test_reduced_precision(device, dtype, mode, per_channel):
 @pytest.mark.parametrize("mode", MODES)
 def test_float64_params_with_float32_x(mode):
     x, lower, upper, a = make_case((3, 40), 4, False, torch.float32, "cpu")
-    y, gx, gl, gu, ga = kernel_grads(mode, x, lower.double(), upper.double(), a.double(), 4, torch.ones_like(x))
+    y, gx, gl, gu, ga = kernel_grads(
+        mode, x, lower.double(), upper.double(), a.double(), 4, torch.ones_like(x)
+    )
     assert y.dtype == torch.float32 and gl.dtype == torch.float64
 
 
@@ -418,7 +443,9 @@ TANH_ABS_ERROR_BOUND = 5e-7
 
 
 def test_fast_tanh_error_bound():
-    z = torch.cat([torch.linspace(-12, 12, 4_000_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 7.9, 1e30, -1e30])])
+    z = torch.cat(
+        [torch.linspace(-12, 12, 4_000_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 7.9, 1e30, -1e30])]
+    )
     err = (ops._fast_tanh(z).double() - torch.tanh(z.double())).abs()
     assert err.max().item() <= TANH_ABS_ERROR_BOUND
     special = ops._fast_tanh(torch.tensor([float("inf"), float("-inf"), float("nan")]))
@@ -431,7 +458,9 @@ def test_fast_tanh_error_bound():
 
 
 def opcheck_cases(device):
-    for per_channel, requires_grad, dtype in itertools.product([False, True], [False, True], [torch.float32, torch.bfloat16]):
+    for per_channel, requires_grad, dtype in itertools.product(
+        [False, True], [False, True], [torch.float32, torch.bfloat16]
+    ):
         x, lower, upper, a = make_case((4, 3, 5, 5), 4, per_channel, dtype, device)
         if not per_channel:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -457,7 +486,12 @@ def test_opcheck(device):
 
 
 def good_args(device="cpu"):
-    return torch.randn(4, 3, device=device), torch.tensor(-1.0, device=device), torch.tensor(1.0, device=device), torch.tensor(0.2, device=device)
+    return (
+        torch.randn(4, 3, device=device),
+        torch.tensor(-1.0, device=device),
+        torch.tensor(1.0, device=device),
+        torch.tensor(0.2, device=device),
+    )
 
 
 @pytest.mark.parametrize(
@@ -540,5 +574,8 @@ def test_cuda_built_when_gpu_present():
 
 def test_python_numbers_accepted():
     x = torch.linspace(-1, 1, 9)
-    torch.testing.assert_close(dsq_quantize(x, -1, 1, 0.2, 2), dsq_quantize(x, torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(0.2), 2))
+    torch.testing.assert_close(
+        dsq_quantize(x, -1, 1, 0.2, 2),
+        dsq_quantize(x, torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(0.2), 2),
+    )
     assert math.isfinite(uniform_quantize(x, -1.0, 1.0, 3).sum().item())
