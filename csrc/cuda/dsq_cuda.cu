@@ -1,0 +1,490 @@
+// CUDA kernels: loops over the inline math of dsq_math.h, the same functions
+// the CPU kernels call. No ATen here, so this file compiles in seconds.
+//
+// Work split: each channel's run of `inner` elements is cut into chunks of
+// kBlock * kUnroll 16-byte groups (4096 float32 or 16-bit elements, 2048
+// float64). A block handles one chunk at a time; thread t takes groups
+// t, t + kBlock, ... of it. The backward sums each thread's gradients in the
+// compute type (16 elements at most, 8 for float64), combines
+// them across the block in double in a fixed tree (warp shuffles, then shared
+// memory), and writes one partial per chunk; a second kernel adds the
+// partials per channel in a fixed order. Nothing depends on the number of
+// SMs or on which block ran which chunk, and there are no atomics, so the
+// reduced gradients are deterministic.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../dsq_math.h"
+#include "dsq_cuda.h"
+
+namespace {
+
+// Threads per block. Fixed: the order of the block reduction depends on it.
+constexpr int kBlock = 256;
+constexpr int kWarps = kBlock / 32;
+
+template <typename S>
+struct Sizes {
+    static constexpr int kVec = 16 / int(sizeof(S));  // elements per 16-byte group
+    // 16-byte groups per thread per chunk, all loaded before any is used; two
+    // for the 16-bit types, whose eight elements a group already keep many registers busy.
+    static constexpr int kUnroll = sizeof(S) == 2 ? 2 : 4;
+    static constexpr int kChunk = kBlock * kUnroll * kVec;
+    // Backward blocks per SM that the register budget must allow (4 caps a thread
+    // at 64): no spills for these types; float64's double math would spill.
+    static constexpr int kMinBlocks = sizeof(S) == 8 ? 1 : 4;
+};
+
+// Storage type S <-> compute type T. The 16-bit types round to nearest even,
+// as the CPU path's c10::Half / c10::BFloat16 conversions do.
+template <typename S>
+struct Storage;
+template <>
+struct Storage<float> {
+    typedef float T;
+    static __device__ __forceinline__ float load(float v) { return v; }
+    static __device__ __forceinline__ float store(float v) { return v; }
+};
+template <>
+struct Storage<double> {
+    typedef double T;
+    static __device__ __forceinline__ double load(double v) { return v; }
+    static __device__ __forceinline__ double store(double v) { return v; }
+};
+template <>
+struct Storage<__half> {
+    typedef float T;
+    static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+    static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Storage<__nv_bfloat16> {
+    typedef float T;
+    static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+    static __device__ __forceinline__ __nv_bfloat16 store(float v) {
+        return __float2bfloat16_rn(v);
+    }
+};
+
+// dsq_math.h's functions for the compute type T.
+template <typename T>
+struct Math;
+template <>
+struct Math<float> {
+    typedef dsq_coef_f32 Coef;
+    typedef dsq_grad_f32 Grad;
+    static __device__ __forceinline__ Coef make(float l, float u, float a, int bits) {
+        return dsq_coef_make_f32(l, u, a, bits);
+    }
+    static __device__ __forceinline__ float forward(const Coef& k, float x) {
+        return dsq_elem_forward_f32(k, x);
+    }
+    static __device__ __forceinline__ Grad backward(const Coef& k, int mode, float x, float g) {
+        return dsq_elem_backward_f32(k, mode, x, g);
+    }
+};
+template <>
+struct Math<double> {
+    typedef dsq_coef_f64 Coef;
+    typedef dsq_grad_f64 Grad;
+    static __device__ __forceinline__ Coef make(double l, double u, double a, int bits) {
+        return dsq_coef_make_f64(l, u, a, bits);
+    }
+    static __device__ __forceinline__ double forward(const Coef& k, double x) {
+        return dsq_elem_forward_f64(k, x);
+    }
+    static __device__ __forceinline__ Grad backward(const Coef& k, int mode, double x, double g) {
+        return dsq_elem_backward_f64(k, mode, x, g);
+    }
+};
+
+template <typename S>
+struct alignas(16) Vec {
+    S v[Sizes<S>::kVec];
+};
+
+template <typename T>
+struct Params {
+    const T* lower;
+    const T* upper;
+    const T* alpha;  // NULL in the uniform mode
+    int64_t ls, us, as;
+};
+
+// Chunk t: its channel and where its elements are.
+struct Chunk {
+    int64_t channel;
+    int64_t start;  // first element
+    int len;
+};
+
+template <typename S>
+__device__ __forceinline__ Chunk chunk_of(int64_t t, int64_t inner, int64_t per_channel) {
+    const int64_t c = t / per_channel;
+    const int64_t off = (t - c * per_channel) * Sizes<S>::kChunk;
+    const int64_t rest = inner - off;
+    return {c, c * inner + off, rest < Sizes<S>::kChunk ? int(rest) : Sizes<S>::kChunk};
+}
+
+template <typename T>
+__device__ __forceinline__ typename Math<T>::Coef make_coef(const Params<T>& p, int64_t c,
+                                                            int bits) {
+    const T a = p.alpha ? p.alpha[c * p.as] : T(DSQ_ALPHA_MAX);
+    return Math<T>::make(p.lower[c * p.ls], p.upper[c * p.us], a, bits);
+}
+
+// Both kernels loop over chunks (grid-stride), so the per-channel coefficients
+// (divisions; a log and an exp for the backward) are derived once per block
+// and channel, not once per chunk.
+template <typename S>
+__global__ void __launch_bounds__(kBlock)
+    forward_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t inner,
+                   int64_t per_channel, int64_t chunks, Params<typename Storage<S>::T> p,
+                   int bits, bool vec_ok) {
+    typedef typename Storage<S>::T T;
+    typedef Storage<S> St;
+    constexpr int V = Sizes<S>::kVec;
+    typename Math<T>::Coef k;
+    int64_t cur = -1;
+    for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
+        const Chunk ck = chunk_of<S>(t, inner, per_channel);
+        if (ck.channel != cur) {
+            k = make_coef<T>(p, ck.channel, bits);
+            cur = ck.channel;
+        }
+        const S* xs = x + ck.start;
+        S* ys = y + ck.start;
+        if (vec_ok && ck.len == Sizes<S>::kChunk) {
+            Vec<S> v[Sizes<S>::kUnroll];
+#pragma unroll
+            for (int u = 0; u < Sizes<S>::kUnroll; ++u)
+                v[u] = *reinterpret_cast<const Vec<S>*>(xs + (u * kBlock + threadIdx.x) * V);
+#pragma unroll
+            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+#pragma unroll
+                for (int j = 0; j < V; ++j)
+                    v[u].v[j] = St::store(Math<T>::forward(k, St::load(v[u].v[j])));
+                *reinterpret_cast<Vec<S>*>(ys + (u * kBlock + threadIdx.x) * V) = v[u];
+            }
+            continue;
+        }
+        for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+            if (vec_ok && e + V <= ck.len) {
+                Vec<S> v = *reinterpret_cast<const Vec<S>*>(xs + e);
+#pragma unroll
+                for (int j = 0; j < V; ++j)
+                    v.v[j] = St::store(Math<T>::forward(k, St::load(v.v[j])));
+                *reinterpret_cast<Vec<S>*>(ys + e) = v;
+            } else {
+                for (int j = e; j < e + V && j < ck.len; ++j)
+                    ys[j] = St::store(Math<T>::forward(k, St::load(xs[j])));
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sums s[0..2] over the block in a fixed order; the result is valid in thread 0.
+// Every thread of the block must call it.
+__device__ __forceinline__ void block_sum3(double s[3]) {
+    __shared__ double part[3][kWarps];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        s[i] = warp_sum(s[i]);
+        if (lane == 0) part[i][warp] = s[i];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) s[i] = warp_sum(lane < kWarps ? part[i][lane] : 0.0);
+    }
+    // part is reused by the block's next call.
+    __syncthreads();
+}
+
+// The thread's share of one chunk: dx for its elements, and their gradient sums
+// added to sl, su, sa in element order (the same order on the vector and the
+// scalar path, so the alignment of x never changes a sum).
+template <typename S, int MODE>
+__device__ __forceinline__ void backward_elem(const typename Math<typename Storage<S>::T>::Coef& k,
+                                              S xv, S gv, S* dx, typename Storage<S>::T& sl,
+                                              typename Storage<S>::T& su,
+                                              typename Storage<S>::T& sa) {
+    typedef typename Storage<S>::T T;
+    const typename Math<T>::Grad d =
+        Math<T>::backward(k, MODE, Storage<S>::load(xv), Storage<S>::load(gv));
+    *dx = Storage<S>::store(d.dx);
+    sl += d.dl;
+    su += d.du;
+    sa += d.da;
+}
+
+template <typename S, int MODE>
+__global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
+    backward_kernel(const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx,
+                    int64_t inner, int64_t per_channel, int64_t chunks,
+                    Params<typename Storage<S>::T> p, int bits, bool vec_ok,
+                    double* __restrict__ partials) {
+    typedef typename Storage<S>::T T;
+    constexpr int V = Sizes<S>::kVec;
+    typename Math<T>::Coef k;
+    int64_t cur = -1;
+    for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
+        const Chunk ck = chunk_of<S>(t, inner, per_channel);
+        if (ck.channel != cur) {
+            k = make_coef<T>(p, ck.channel, bits);
+            cur = ck.channel;
+        }
+        const S* xs = x + ck.start;
+        const S* gs = g + ck.start;
+        S* ds = dx + ck.start;
+        T sl = 0, su = 0, sa = 0;
+        if (vec_ok && ck.len == Sizes<S>::kChunk) {
+            Vec<S> xv[Sizes<S>::kUnroll], gv[Sizes<S>::kUnroll];
+#pragma unroll
+            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+                const int e = (u * kBlock + threadIdx.x) * V;
+                xv[u] = *reinterpret_cast<const Vec<S>*>(xs + e);
+                gv[u] = *reinterpret_cast<const Vec<S>*>(gs + e);
+            }
+#pragma unroll
+            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+                Vec<S> dv;
+#pragma unroll
+                for (int j = 0; j < V; ++j)
+                    backward_elem<S, MODE>(k, xv[u].v[j], gv[u].v[j], &dv.v[j], sl, su, sa);
+                *reinterpret_cast<Vec<S>*>(ds + (u * kBlock + threadIdx.x) * V) = dv;
+            }
+        } else {
+            for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+                if (vec_ok && e + V <= ck.len) {
+                    const Vec<S> xv = *reinterpret_cast<const Vec<S>*>(xs + e);
+                    const Vec<S> gv = *reinterpret_cast<const Vec<S>*>(gs + e);
+                    Vec<S> dv;
+#pragma unroll
+                    for (int j = 0; j < V; ++j)
+                        backward_elem<S, MODE>(k, xv.v[j], gv.v[j], &dv.v[j], sl, su, sa);
+                    *reinterpret_cast<Vec<S>*>(ds + e) = dv;
+                } else {
+                    for (int j = e; j < e + V && j < ck.len; ++j)
+                        backward_elem<S, MODE>(k, xs[j], gs[j], &ds[j], sl, su, sa);
+                }
+            }
+        }
+        double s[3] = {double(sl), double(su), double(sa)};
+        block_sum3(s);
+        if (threadIdx.x == 0) {
+            partials[3 * t + 0] = s[0];
+            partials[3 * t + 1] = s[1];
+            partials[3 * t + 2] = s[2];
+        }
+    }
+}
+
+struct Grads {
+    dsq_cuda_grad g[3];
+};
+
+__device__ __forceinline__ void store_grad(const dsq_cuda_grad& g, int64_t i, double v) {
+    // Through float for the 16-bit types, as the CPU path's double -> Half/BFloat16 copy does.
+    switch (g.dtype) {
+        case DSQ_CUDA_F32: static_cast<float*>(g.p)[i] = float(v); break;
+        case DSQ_CUDA_F64: static_cast<double*>(g.p)[i] = v; break;
+        case DSQ_CUDA_F16: static_cast<__half*>(g.p)[i] = __float2half_rn(float(v)); break;
+        case DSQ_CUDA_BF16:
+            static_cast<__nv_bfloat16*>(g.p)[i] = __float2bfloat16_rn(float(v));
+            break;
+    }
+}
+
+// Output block b < pc_blocks sums channel b's chunk partials into the
+// per-channel gradients; the block after them, if any, sums every chunk into
+// the per-tensor gradients (a per-tensor parameter next to per-channel ones).
+__global__ void __launch_bounds__(kBlock)
+    reduce_kernel(const double* __restrict__ partials, int64_t per_channel, int64_t chunks,
+                  int64_t pc_blocks, int64_t out_blocks, Grads grads) {
+    for (int64_t b = blockIdx.x; b < out_blocks; b += gridDim.x) {
+        const bool pc = b < pc_blocks;
+        const int64_t begin = pc ? b * per_channel : 0;
+        const int64_t end = pc ? begin + per_channel : chunks;
+        double s[3] = {0.0, 0.0, 0.0};
+        for (int64_t t = begin + threadIdx.x; t < end; t += kBlock) {
+            s[0] += partials[3 * t + 0];
+            s[1] += partials[3 * t + 1];
+            s[2] += partials[3 * t + 2];
+        }
+        block_sum3(s);
+        if (threadIdx.x == 0) {
+            for (int i = 0; i < 3; ++i) {
+                const dsq_cuda_grad& g = grads.g[i];
+                if (g.p != nullptr && (g.per_channel != 0) == pc) store_grad(g, pc ? b : 0, s[i]);
+            }
+        }
+    }
+}
+
+// Enough blocks to fill the GPU once; more would only re-derive coefficients.
+// Which block runs which chunk changes no result.
+int grid_size(int per_sm, int64_t work) {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        sms = 0;
+    const int64_t full = int64_t(sms > 0 ? sms : 1) * per_sm;
+    return int(work < full ? work : full);
+}
+
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel) {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBlock, 0) != cudaSuccess)
+        n = 0;
+    return n > 0 ? n : 1;
+}
+
+template <typename S>
+int64_t chunks_per_channel(int64_t inner) {
+    return (inner + Sizes<S>::kChunk - 1) / Sizes<S>::kChunk;
+}
+
+// The 16-byte path needs every chunk to start on a 16-byte boundary in every array.
+template <typename S>
+bool aligned(int64_t channels, int64_t inner, const void* a, const void* b, const void* c) {
+    const uintptr_t bits = uintptr_t(a) | uintptr_t(b) | uintptr_t(c);
+    return bits % 16 == 0 && (channels == 1 || inner % Sizes<S>::kVec == 0);
+}
+
+template <typename T>
+Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a) {
+    return {static_cast<const T*>(l.p), static_cast<const T*>(u.p), static_cast<const T*>(a.p),
+            l.stride, u.stride, a.stride};
+}
+
+template <typename S>
+void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
+             dsq_cuda_param upper, int bits, cudaStream_t stream) {
+    typedef typename Storage<S>::T T;
+    const int64_t per_channel = chunks_per_channel<S>(inner);
+    const int64_t chunks = channels * per_channel;
+    if (chunks <= 0) return;
+    // Occupancy of the first device used; it only sizes the grid.
+    static const int per_sm = blocks_per_sm(forward_kernel<S>);
+    const int grid = grid_size(per_sm, chunks);
+    forward_kernel<S><<<grid, kBlock, 0, stream>>>(
+        static_cast<const S*>(x), static_cast<S*>(y), inner, per_channel, chunks,
+        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}), bits,
+        aligned<S>(channels, inner, x, y, y));
+}
+
+template <typename S, int MODE>
+void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
+              dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
+              double* partials, const Grads& grads, cudaStream_t stream) {
+    typedef typename Storage<S>::T T;
+    const int64_t per_channel = chunks_per_channel<S>(inner);
+    const int64_t chunks = channels * per_channel;
+    if (chunks <= 0) return;
+    static const int per_sm = blocks_per_sm(backward_kernel<S, MODE>);
+    const int grid = grid_size(per_sm, chunks);
+    backward_kernel<S, MODE><<<grid, kBlock, 0, stream>>>(
+        static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(dx), inner,
+        per_channel, chunks, params<T>(lower, upper, alpha), bits,
+        aligned<S>(channels, inner, g, x, dx), partials);
+
+    bool any_pc = false, any_pt = false;
+    for (const dsq_cuda_grad& gr : grads.g) {
+        if (gr.p == nullptr) continue;
+        any_pc |= gr.per_channel != 0;
+        any_pt |= gr.per_channel == 0;
+    }
+    const int64_t pc_blocks = any_pc ? channels : 0;
+    const int64_t out_blocks = pc_blocks + (any_pt ? 1 : 0);
+    if (out_blocks == 0) return;
+    static const int reduce_per_sm = blocks_per_sm(reduce_kernel);
+    const int reduce_grid = grid_size(reduce_per_sm, out_blocks);
+    reduce_kernel<<<reduce_grid, kBlock, 0, stream>>>(partials, per_channel, chunks,
+                                                      pc_blocks, out_blocks, grads);
+}
+
+template <int MODE>
+void backward_mode(int dtype, const void* g, const void* x, void* dx, int64_t channels,
+                   int64_t inner, dsq_cuda_param lower, dsq_cuda_param upper,
+                   dsq_cuda_param alpha, int bits, double* partials, const Grads& grads,
+                   cudaStream_t stream) {
+    switch (dtype) {
+        case DSQ_CUDA_F32:
+            backward<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits, partials,
+                                  grads, stream);
+            break;
+        case DSQ_CUDA_F64:
+            backward<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                   partials, grads, stream);
+            break;
+        case DSQ_CUDA_F16:
+            backward<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                   partials, grads, stream);
+            break;
+        case DSQ_CUDA_BF16:
+            backward<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                          partials, grads, stream);
+            break;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner) {
+    switch (dtype) {
+        case DSQ_CUDA_F32: return channels * chunks_per_channel<float>(inner);
+        case DSQ_CUDA_F64: return channels * chunks_per_channel<double>(inner);
+        case DSQ_CUDA_F16: return channels * chunks_per_channel<__half>(inner);
+        case DSQ_CUDA_BF16: return channels * chunks_per_channel<__nv_bfloat16>(inner);
+    }
+    return 0;
+}
+
+void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64_t inner,
+                      dsq_cuda_param lower, dsq_cuda_param upper, int bits, cudaStream_t stream) {
+    switch (dtype) {
+        case DSQ_CUDA_F32:
+            forward<float>(x, y, channels, inner, lower, upper, bits, stream);
+            break;
+        case DSQ_CUDA_F64:
+            forward<double>(x, y, channels, inner, lower, upper, bits, stream);
+            break;
+        case DSQ_CUDA_F16:
+            forward<__half>(x, y, channels, inner, lower, upper, bits, stream);
+            break;
+        case DSQ_CUDA_BF16:
+            forward<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, stream);
+            break;
+    }
+}
+
+void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* dx,
+                       int64_t channels, int64_t inner, dsq_cuda_param lower,
+                       dsq_cuda_param upper, dsq_cuda_param alpha, int bits, double* partials,
+                       dsq_cuda_grad grad_lower, dsq_cuda_grad grad_upper,
+                       dsq_cuda_grad grad_alpha, cudaStream_t stream) {
+    const Grads grads = {{grad_lower, grad_upper, grad_alpha}};
+    if (mode == DSQ_MODE_DSQ)
+        backward_mode<DSQ_MODE_DSQ>(dtype, g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                    partials, grads, stream);
+    else
+        backward_mode<DSQ_MODE_UNIFORM>(dtype, g, x, dx, channels, inner, lower, upper, alpha,
+                                        bits, partials, grads, stream);
+}
+
+}  // extern "C"

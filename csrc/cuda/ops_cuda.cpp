@@ -1,0 +1,174 @@
+// CUDA implementations of the dsq_ext operators declared in ops.cpp.
+//
+// The same steps as the CPU entry points, with the same checks and output
+// layouts (checks.h): check, pick a dense layout, allocate, and enqueue the
+// kernels of dsq_cuda.cu on the current stream. Nothing is read back on the
+// host, so these ops never synchronise and are safe to capture in CUDA graphs.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+// Not ATen/cuda/CUDAContext.h: it pulls in the cuBLAS, cuSPARSE and cuSOLVER
+// headers, which nothing here needs (and a minimal CUDA toolkit may lack).
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../dsq_math.h"
+#include "dsq_cuda.h"
+
+namespace dsq_ext {
+namespace {
+
+int cuda_dtype(at::ScalarType t) {
+    switch (t) {
+        case at::kFloat: return DSQ_CUDA_F32;
+        case at::kDouble: return DSQ_CUDA_F64;
+        case at::kHalf: return DSQ_CUDA_F16;
+        case at::kBFloat16: return DSQ_CUDA_BF16;
+        default: TORCH_CHECK(false, "dsq_ext: unsupported dtype ", t);
+    }
+}
+
+// The 16-bit types are computed in float, as on the CPU.
+at::ScalarType compute_type(at::ScalarType t) {
+    return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// How the kernels see x: `channels` runs of `inner` elements (ops.cpp's Plan,
+// less the block split, which dsq_cuda.cu owns).
+struct Shape {
+    int64_t channels;  // 1 when every parameter is per tensor
+    int64_t inner;
+};
+
+Shape make_shape(const at::Tensor& x, bool per_channel) {
+    const int64_t channels = per_channel ? x.size(0) : 1;
+    return {channels, channels > 0 ? x.numel() / channels : 0};
+}
+
+// A parameter in the compute type, kept alive until the kernels are enqueued
+// (the caching allocator orders its reuse after them on the stream).
+struct Param {
+    at::Tensor t;
+    dsq_cuda_param arg;
+    Param(const at::Tensor& param, at::ScalarType compute)
+        : t(param.to(compute).contiguous()),
+          arg{t.const_data_ptr(), param.numel() == 1 ? 0 : 1} {}
+};
+
+// A reduced gradient in the parameter's own shape and dtype.
+struct Grad {
+    at::Tensor t;
+    dsq_cuda_grad arg;
+    explicit Grad(const at::Tensor& param)
+        : t(at::empty(param.sizes(), param.options())),
+          arg{t.data_ptr(), cuda_dtype(param.scalar_type()), param.numel() == 1 ? 0 : 1} {}
+};
+
+at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& lower,
+                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
+    check_input(op, "x", x);
+    check_bits(op, bits);
+    bool per_channel = check_param(op, "lower", lower, x);
+    per_channel |= check_param(op, "upper", upper, x);
+    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const c10::cuda::CUDAGuard guard(x.device());
+    const Layout lay = make_layout(x, per_channel);
+    if (x.numel() == 0) return lay.out;
+    const Shape s = make_shape(lay.x, per_channel);
+    const at::ScalarType ct = compute_type(x.scalar_type());
+    const Param lo(lower, ct), up(upper, ct);
+    dsq_cuda_forward(cuda_dtype(x.scalar_type()), lay.x.const_data_ptr(), lay.out.data_ptr(),
+                     s.channels, s.inner, lo.arg, up.arg, int(bits),
+                     c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return lay.out;
+}
+
+// alpha is null in the uniform mode, which has no alpha and returns no grad for it.
+std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                      const at::Tensor& lower, const at::Tensor& upper,
+                                      const at::Tensor* alpha, int64_t bits, int mode) {
+    check_input(op, "x", x);
+    check_grad(op, grad, x);
+    check_bits(op, bits);
+    bool per_channel = check_param(op, "lower", lower, x);
+    per_channel |= check_param(op, "upper", upper, x);
+    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const c10::cuda::CUDAGuard guard(x.device());
+    const Layout lay = make_layout(x, per_channel);
+    if (x.numel() == 0) {
+        std::vector<at::Tensor> r = {lay.out, at::zeros(lower.sizes(), lower.options()),
+                                     at::zeros(upper.sizes(), upper.options())};
+        if (alpha) r.push_back(at::zeros(alpha->sizes(), alpha->options()));
+        return r;
+    }
+    const at::Tensor g = match_layout(grad, lay.x);
+    const Shape s = make_shape(lay.x, per_channel);
+    const int dtype = cuda_dtype(x.scalar_type());
+    const at::ScalarType ct = compute_type(x.scalar_type());
+    const Param lo(lower, ct), up(upper, ct);
+    const Grad gl(lower), gu(upper);
+    std::optional<Param> al;
+    std::optional<Grad> ga;
+    if (alpha) {
+        al.emplace(*alpha, ct);
+        ga.emplace(*alpha);
+    }
+    const at::Tensor partials = at::empty({3 * dsq_cuda_chunks(dtype, s.channels, s.inner)},
+                                          x.options().dtype(at::kDouble));
+    dsq_cuda_backward(dtype, mode, g.const_data_ptr(), lay.x.const_data_ptr(), lay.out.data_ptr(),
+                      s.channels, s.inner, lo.arg, up.arg,
+                      al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits),
+                      partials.data_ptr<double>(), gl.arg, gu.arg,
+                      ga ? ga->arg : dsq_cuda_grad{nullptr, DSQ_CUDA_F32, 0},
+                      c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    std::vector<at::Tensor> r = {lay.out, gl.t, gu.t};
+    if (ga) r.push_back(ga->t);
+    return r;
+}
+
+at::Tensor dsq_quantize_cuda(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
+                             const at::Tensor& alpha, int64_t bits) {
+    return forward_cuda("dsq_quantize", x, lower, upper, &alpha, bits);
+}
+
+at::Tensor uniform_quantize_cuda(const at::Tensor& x, const at::Tensor& lower,
+                                 const at::Tensor& upper, int64_t bits) {
+    return forward_cuda("uniform_quantize", x, lower, upper, nullptr, bits);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
+    const at::Tensor& alpha, int64_t bits) {
+    auto r = backward_cuda("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
+                           DSQ_MODE_DSQ);
+    return {r[0], r[1], r[2], r[3]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
+    const at::Tensor& upper, int64_t bits) {
+    auto r = backward_cuda("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
+                           DSQ_MODE_UNIFORM);
+    return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsq_ext, CUDA, m) {
+    m.impl("dsq_quantize", &dsq_quantize_cuda);
+    m.impl("dsq_quantize_backward", &dsq_quantize_backward_cuda);
+    m.impl("uniform_quantize", &uniform_quantize_cuda);
+    m.impl("uniform_quantize_backward", &uniform_quantize_backward_cuda);
+}
+
+}  // namespace dsq_ext
