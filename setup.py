@@ -66,7 +66,10 @@ def get_extensions():
         ("DSQ_TORCH_VERSION", f'"{torch.__version__}"'),
         ("Py_LIMITED_API", "0x030A0000"),
     ]
-    cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+    # at::parallel_for is an inline template over OpenMP when torch's parallel backend
+    # is OpenMP: without -fopenmp it silently runs on one thread. The library it links
+    # (libgomp.so.1) is the one torch has already loaded, so there is one thread pool.
+    cxx = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-fopenmp"]
     extra = {"cxx": cxx}
     ext = CppExtension
     if with_cuda:
@@ -84,6 +87,7 @@ def get_extensions():
             include_dirs=[os.path.join(HERE, CSRC)],
             define_macros=macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
             py_limited_api=True,
         )
     ]
