@@ -41,16 +41,19 @@ $(FMNIST_DEB_DIR):
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	  else sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist; fi; fi
 
-$(DATA)/train: | $(FMNIST_DEB_DIR) setup
+# python -m dsq_ext.datasets imports dsq_ext, hence build. It writes val/ then train/, each
+# renamed into place when complete, so an interrupted run is redone rather than trusted.
+$(DATA)/train: | $(FMNIST_DEB_DIR) build
 	$(PY) -m dsq_ext.datasets fashion-mnist $(DATA)
 
 data: $(DATA)/train
 
+# One epoch of ResNet-18 DSQ W4A4 at 32x32; then the best checkpoint is evaluated again
+# (same batch size, so the same numbers) and its learned alpha per layer is tabulated.
+DEMO_FLAGS := -a resnet18 -q DSQ --quan_bit 4 --quantize_input --image-size 32 -b 128 -j 2 --log_path log/demo
 demo: build data
-	$(PY) train.py -a resnet18 -q DSQ --quan_bit 4 --quantize_input --image-size 32 \
-	  --epochs 1 -b 128 --lr 0.1 -j 2 --log_path log/demo $(DATA)
-	$(PY) train.py -a resnet18 -q DSQ --quan_bit 4 --quantize_input --image-size 32 \
-	  -b 256 -j 2 --log_path log/demo --evaluate --resume log/demo/model_best.pth.tar $(DATA)
+	$(PY) train.py $(DEMO_FLAGS) --epochs 1 --lr 0.1 -p 50 $(DATA)
+	$(PY) train.py $(DEMO_FLAGS) -p 50 --evaluate --resume log/demo/model_best.pth.tar $(DATA)
 	$(PY) -m dsq_ext.report log/demo/model_best.pth.tar --plot log/demo/alpha.png
 
 bench: build

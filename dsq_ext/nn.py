@@ -158,7 +158,15 @@ class Quantizer(nn.Module):
             self._initialized = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not (self.bounds == "learned" and self._initialized):
+        needs_observe = self.training and not (self.bounds == "learned" and self._initialized)
+        if needs_observe and getattr(self, "_is_replica", False):
+            # nn.DataParallel replicas are thrown away after each forward: bounds set
+            # or updated on them would be lost (and set again every step).
+            raise RuntimeError(
+                "dsq_ext quantizers cannot initialise or update their bounds inside "
+                "nn.DataParallel; use DistributedDataParallel (torchrun), or one device"
+            )
+        if needs_observe:
             self.observe(x)
         elif not self._initialized:
             if self.is_activation:
@@ -169,6 +177,11 @@ class Quantizer(nn.Module):
             # A weight's range is not a batch statistic: setting it in eval is safe.
             self.observe(x)
         lower, upper, alpha = self.lower, self.upper, self.alpha
+        if self.bounds == "learned":
+            # Learning can push upper below lower (seen on depthwise convs, whose
+            # channels have a handful of weights); the two then swap roles instead
+            # of collapsing the channel to a constant with no gradient.
+            lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
         if self.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))

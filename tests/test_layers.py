@@ -249,3 +249,24 @@ def test_to_device_and_dtype_keep_quantizer_state():
     assert moved.act_quantizer._initialized
     y = moved.eval()(torch.randn(2, 8, 5, 5, dtype=torch.float64))
     assert y.dtype == torch.float64
+
+
+def test_crossed_learned_bounds_swap_roles():
+    layer = conv(per_channel=True)
+    x = torch.randn(2, 8, 6, 6)
+    layer(x)
+    wq = layer.weight_quantizer
+    with torch.no_grad():  # as if an optimizer step had pushed channel 0's upper below its lower
+        wq.lower[0], wq.upper[0] = wq.upper[0].item(), wq.lower[0].item()
+    w = layer.quantized_weight()
+    lo, hi = torch.minimum(wq.lower, wq.upper), torch.maximum(wq.lower, wq.upper)
+    torch.testing.assert_close(w, dsq_quantize(layer.weight, lo, hi, wq.alpha, 4), atol=0, rtol=0)
+    w.sum().backward()
+    assert wq.lower.grad[0] != 0 and wq.upper.grad[0] != 0 and (layer.weight.grad[0] != 0).any()
+
+
+def test_data_parallel_replicas_refuse_to_set_bounds():
+    layer = conv()
+    layer.act_quantizer._is_replica = True  # what nn.parallel.replicate marks its copies with
+    with pytest.raises(RuntimeError, match="use DistributedDataParallel"):
+        layer(torch.randn(1, 8, 4, 4))
