@@ -1,0 +1,271 @@
+#!/usr/bin/env python
+"""Training-step benchmark: torchvision ResNet-18, one SGD step, float vs quantized W4A4.
+
+Variants (same initial weights, same batch):
+
+  float      the plain model
+  dsq        dsq_ext.quantize_model(model, "dsq", 4, 4)      (fused C/CUDA op)
+  uniform    dsq_ext.quantize_model(model, "uniform", 4, 4)  (fused op, straight-through)
+  composite  the dsq model with the op swapped for DSQ written in torch ops
+             (what common implementations do; autograd derives the backward)
+
+A step is zero_grad, forward, cross-entropy, backward, optimizer step. After
+warm-up steps (the first sets the learned bounds), every round runs each
+variant once, A B C D A B C D ..., and the reported ratio is the median of the
+per-round ratios to float, which keeps a shared machine's slow drifts out of it.
+
+Memory: "saved for bwd" is the bytes of the unique storages autograd keeps for
+backward (saved_tensors_hooks, during the last warm-up step), on every device;
+"excl. params" leaves out the storages of the model's parameters, which exist
+anyway. On CUDA the peak of torch.cuda.max_memory_allocated over a step is
+reported as well.
+
+    python bench/bench_step.py                      # cuda if present: batch 128 at 224 px
+    python bench/bench_step.py --device cpu         # batch 16 at 112 px
+    python bench/bench_step.py --quick              # tiny, a few seconds (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dsq_ext  # noqa: E402
+
+VARIANTS = ("float", "dsq", "uniform", "composite")
+
+
+def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=num_classes)
+    models = {}
+    for v in variants:
+        m = copy.deepcopy(base)
+        if v in ("dsq", "composite"):
+            dsq_ext.quantize_model(m, "dsq", w_bits, a_bits, per_channel=per_channel)
+        elif v == "uniform":
+            dsq_ext.quantize_model(m, "uniform", w_bits, a_bits, per_channel=per_channel)
+        models[v] = m.to(device).train()
+    return models
+
+
+class Runner:
+    def __init__(self, name, model, lr, weight_decay):
+        self.name = name
+        self.model = model
+        # Quantizer parameters (lower, upper, alpha) are kept out of weight decay.
+        self.opt = torch.optim.SGD(dsq_ext.param_groups(model, weight_decay), lr=lr, momentum=0.9)
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def context(self):
+        return common.composite_in_layers() if self.name == "composite" else contextlib.nullcontext()
+
+    def step(self, x, y):
+        with self.context():
+            self.opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+        self.last_loss = loss.detach()
+
+    def saved_bytes(self, x, y):
+        """(all, excluding parameters) bytes saved for backward by one full step."""
+        with self.context():
+            self.opt.zero_grad(set_to_none=True)
+            with common.SavedBytes() as sb:
+                loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            self.opt.step()
+        total = sb.nbytes
+        excl = sum(n for (dev, ptr), n in sb.seen.items() if ptr not in self.param_ptrs)
+        return total, excl
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (--quick: 1)")
+    p.add_argument("--batch", type=int, default=None, help="default: cuda 128, cpu 16, --quick 2")
+    p.add_argument("--image-size", type=int, default=None, help="default: cuda 224, cpu 112, --quick 32")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed rounds (default: cuda 20, cpu 10, --quick 2)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first, >= 1 (default 2, --quick 1)"
+    )
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--per-channel", action="store_true", help="per-channel weight bounds")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--quick", action="store_true", help="tiny batch and image, two rounds: a smoke test")
+    p.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc's heap trimming on (by default freed memory is kept, see common.keep_freed_memory)",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads is None and args.quick:
+        # A smoke test often runs beside other jobs; an OpenMP team that waits for a
+        # descheduled thread can turn milliseconds into seconds.
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (2 if args.quick else 128 if cuda else 16)
+    size = args.image_size or (32 if args.quick else 224 if cuda else 112)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 20 if cuda else 10)
+    warmup = max(1, args.warmup if args.warmup is not None else (1 if args.quick else 2))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}")
+    if "float" in variants:
+        variants.remove("float")
+    variants.insert(0, "float")  # the reference of every ratio
+
+    info = common.machine_info(device)
+    info["malloc_keeps_freed_memory"] = False if args.no_malloc_tuning else common.keep_freed_memory()
+    print(f"# bench_step: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}")
+    print(
+        f"resnet18, batch {batch} at {size}x{size}, {args.num_classes} classes, SGD momentum 0.9, "
+        f"W{args.w_bits}A{args.a_bits}{' per-channel weights' if args.per_channel else ''}; device {device}"
+        + (f" ({info['gpu']})" if cuda else f", {info['threads']} threads")
+        + f"; {reps} rounds after {warmup} warm-up steps; load average at start "
+        + (", ".join(f"{v:.2f}" for v in info["loadavg_start"]) if info["loadavg_start"] else "n/a")
+        + ("; malloc keeps freed memory" if info["malloc_keeps_freed_memory"] else "")
+    )
+
+    models = build_models(variants, args.num_classes, device, args.w_bits, args.a_bits, args.per_channel)
+    runners = {v: Runner(v, models[v], args.lr, args.weight_decay) for v in variants}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(0, args.num_classes, (batch,), generator=gen).to(device)
+
+    saved = {}
+    for v, r in runners.items():
+        for _ in range(warmup - 1):
+            r.step(x, y)
+        # The last warm-up step doubles as the memory measurement (it is untimed).
+        saved[v] = r.saved_bytes(x, y)
+    common.sync(device)
+
+    times = {v: [] for v in variants}
+    peaks = {v: [] for v in variants}
+    losses = {}
+    for _ in range(reps):
+        for v, r in runners.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times[v].append(common.timed(functools.partial(r.step, x, y), device))
+            if cuda:
+                peaks[v].append(torch.cuda.max_memory_allocated(device))
+            losses[v] = float(r.last_loss)
+
+    rows = []
+    for v in variants:
+        rec = {
+            "variant": v,
+            "step_s": common.median(times[v]),
+            "images_per_s": batch / common.median(times[v]),
+            "step_min_s": min(times[v]),
+            "time_over_float": common.median([a / b for a, b in zip(times[v], times["float"])]),
+            "time_min_over_float": min(times[v]) / min(times["float"]),
+            "saved_bytes": saved[v][0],
+            "saved_bytes_excl_params": saved[v][1],
+            "saved_over_float": saved[v][0] / saved["float"][0],
+            "saved_excl_params_over_float": saved[v][1] / saved["float"][1],
+            "last_loss": losses[v],
+            "step_samples_s": times[v],
+        }
+        if cuda:
+            rec["peak_allocated_bytes"] = common.median(peaks[v])
+            rec["peak_over_float"] = common.median([a / b for a, b in zip(peaks[v], peaks["float"])])
+        rows.append(rec)
+
+    header = [
+        "variant",
+        "step ms",
+        "img/s",
+        "time / float",
+        "saved for bwd",
+        "/ float",
+        "excl. params",
+        "/ float",
+    ]
+    if cuda:
+        header += ["peak allocated", "/ float"]
+    body = []
+    for r in rows:
+        line = [
+            r["variant"],
+            f"{common.fmt_ms(r['step_s'])} ({common.fmt_ms(r['step_min_s'])})",
+            f"{r['images_per_s']:.1f}",
+            f"{common.fmt_ratio(r['time_over_float'])} ({common.fmt_ratio(r['time_min_over_float'])})",
+            common.fmt_bytes(r["saved_bytes"]),
+            common.fmt_ratio(r["saved_over_float"]),
+            common.fmt_bytes(r["saved_bytes_excl_params"]),
+            common.fmt_ratio(r["saved_excl_params_over_float"]),
+        ]
+        if cuda:
+            line += [common.fmt_bytes(r["peak_allocated_bytes"]), common.fmt_ratio(r["peak_over_float"])]
+        body.append(line)
+    print()
+    print(common.markdown_table(header, body))
+    mem_note = (
+        "memory: saved_tensors_hooks bytes (all devices) and torch.cuda.max_memory_allocated"
+        if cuda
+        else "memory: bytes saved for backward (saved_tensors_hooks); no allocator peak on CPU"
+    )
+    print(
+        f"\n{mem_note}. Cells read 'median (best)': step times are medians (minima), time ratios "
+        "are medians of per-round ratios to float (ratios of minima)."
+    )
+    bad = [v for v in variants if not math.isfinite(losses[v])]
+    if bad:
+        print(f"warning: non-finite loss in {', '.join(bad)} (timings of NaN steps are not representative)")
+
+    info["loadavg_end"] = common._loadavg()
+    if info["loadavg_end"]:
+        print("load average at end: " + ", ".join(f"{v:.2f}" for v in info["loadavg_end"]))
+    if args.json:
+        out = {
+            "machine": info,
+            "args": vars(args),
+            "batch": batch,
+            "image_size": size,
+            "reps": reps,
+            "warmup": warmup,
+            "results": rows,
+        }
+        with open(args.json, "w") as f:
+            json.dump(common.json_clean(out), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
