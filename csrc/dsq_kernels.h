@@ -32,6 +32,11 @@ void dsq_backward_f32(const float *g, const float *x, float *dx, int64_t n, floa
 void dsq_backward_f64(const double *g, const double *x, double *dx, int64_t n, double lower,
                       double upper, double alpha, int bits, int mode, double sums[3]);
 
+/* bfloat16 storage (its 16 bits), computed in float32. */
+void dsq_forward_bf16(const uint16_t *x, uint16_t *y, int64_t n, float lower, float upper, int bits);
+void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *dx, int64_t n, float lower,
+                       float upper, float alpha, int bits, int mode, double sums[3]);
+
 /* The fast float tanh the DSQ backward uses, exposed so that its error can be tested. */
 void dsq_tanh_f32_array(const float *x, float *y, int64_t n);
 

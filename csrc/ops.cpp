@@ -87,6 +87,12 @@ void backward_kernel<double>(const double* g, const double* x, double* dx, int64
     dsq_backward_f64(g, x, dx, n, l, u, a, bits, mode, sums);
 }
 
+// bfloat16 goes to the C kernels as its 16 bits (c10::BFloat16 is one uint16_t).
+inline const uint16_t* bits16(const c10::BFloat16* p) {
+    return reinterpret_cast<const uint16_t*>(p);
+}
+inline uint16_t* bits16(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+
 // Calls fn(channel, first_element, length) for every task, on the thread pool.
 template <typename Fn>
 void for_each_task(const Plan& plan, const Fn& fn) {
@@ -100,6 +106,7 @@ void for_each_task(const Plan& plan, const Fn& fn) {
 }
 
 // scalar_t is the storage type, T the compute type (float for the 16-bit types).
+// float16 is widened to float32 in stack chunks; bfloat16 has kernels of its own.
 template <typename scalar_t, typename T>
 void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
                   const at::Tensor& upper, int bits) {
@@ -110,6 +117,8 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
     for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
         if constexpr (std::is_same_v<scalar_t, T>) {
             forward_kernel<T>(x + start, y + start, len, lo[c], up[c], bits);
+        } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            dsq_forward_bf16(bits16(x + start), bits16(y + start), len, lo[c], up[c], bits);
         } else {
             T bx[kChunk], by[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
@@ -137,6 +146,9 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
         if constexpr (std::is_same_v<scalar_t, T>) {
             backward_kernel<T>(g + start, x + start, dx + start, len, lo[c], up[c], al[c], bits,
                                mode, sums);
+        } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            dsq_backward_bf16(bits16(g + start), bits16(x + start), bits16(dx + start), len,
+                              lo[c], up[c], al[c], bits, mode, sums);
         } else {
             T bg[kChunk], bx[kChunk], bd[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
