@@ -47,6 +47,20 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
                 " but x is on ", x.device());
 }
 
+// Every check of an op, in the same order on every backend; grad is null for a
+// forward, alpha in the uniform mode. Returns whether any parameter is per channel.
+inline bool check_args(const char* op, const at::Tensor* grad, const at::Tensor& x,
+                       const at::Tensor& lower, const at::Tensor& upper, const at::Tensor* alpha,
+                       int64_t bits) {
+    check_input(op, "x", x);
+    if (grad) check_grad(op, *grad, x);
+    check_bits(op, bits);
+    bool per_channel = check_param(op, "lower", lower, x);
+    per_channel |= check_param(op, "upper", upper, x);
+    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    return per_channel;
+}
+
 // The layout the kernels read and write. Per tensor, every element is
 // independent, so any dense layout (channels_last included) is used as it is
 // and the output takes x's strides (empty_like). Per channel, the kernels need

@@ -49,17 +49,20 @@ Plan make_plan(const at::Tensor& x, bool per_channel) {
     return {channels, inner, std::max<int64_t>(1, (inner + kBlock - 1) / kBlock)};
 }
 
-// A parameter widened to the compute type, readable per channel.
+// A parameter widened to the compute type, readable per channel. A missing one
+// (alpha in the uniform mode, where the kernels ignore it) reads as DSQ_ALPHA_MAX.
 template <typename T>
 struct Param {
     at::Tensor t;
-    const T* p;
-    int64_t stride;  // 0 per tensor, 1 per channel
-    Param(const at::Tensor& param, at::ScalarType compute)
-        : t(param.to(compute).contiguous()),
-          p(t.data_ptr<T>()),
-          stride(param.numel() == 1 ? 0 : 1) {}
-    T operator[](int64_t c) const { return p[c * stride]; }
+    const T* p = nullptr;
+    int64_t stride = 0;  // 0 per tensor, 1 per channel
+    Param(const at::Tensor* param, at::ScalarType compute) {
+        if (param == nullptr) return;
+        t = param->to(compute).contiguous();
+        p = t.data_ptr<T>();
+        stride = param->numel() == 1 ? 0 : 1;
+    }
+    T operator[](int64_t c) const { return p ? p[c * stride] : T(DSQ_ALPHA_MAX); }
 };
 
 template <typename T>
@@ -110,8 +113,8 @@ void for_each_task(const Plan& plan, const Fn& fn) {
 template <typename scalar_t, typename T>
 void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
                   const at::Tensor& upper, int bits) {
-    const Param<T> lo(lower, c10::CppTypeToScalarType<T>::value);
-    const Param<T> up(upper, c10::CppTypeToScalarType<T>::value);
+    const Param<T> lo(&lower, c10::CppTypeToScalarType<T>::value);
+    const Param<T> up(&upper, c10::CppTypeToScalarType<T>::value);
     const scalar_t* x = lay.x.data_ptr<scalar_t>();
     scalar_t* y = lay.out.data_ptr<scalar_t>();
     for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
@@ -133,10 +136,10 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
 
 template <typename scalar_t, typename T>
 void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
-                   const at::Tensor& lower, const at::Tensor& upper, const at::Tensor& alpha,
+                   const at::Tensor& lower, const at::Tensor& upper, const at::Tensor* alpha,
                    int bits, int mode, std::vector<double>& partial) {
-    const Param<T> lo(lower, c10::CppTypeToScalarType<T>::value);
-    const Param<T> up(upper, c10::CppTypeToScalarType<T>::value);
+    const Param<T> lo(&lower, c10::CppTypeToScalarType<T>::value);
+    const Param<T> up(&upper, c10::CppTypeToScalarType<T>::value);
     const Param<T> al(alpha, c10::CppTypeToScalarType<T>::value);
     const scalar_t* g = g_t.data_ptr<scalar_t>();
     const scalar_t* x = lay.x.data_ptr<scalar_t>();
@@ -166,11 +169,7 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
 
 at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lower,
                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
-    check_input(op, "x", x);
-    check_bits(op, bits);
-    bool per_channel = check_param(op, "lower", lower, x);
-    per_channel |= check_param(op, "upper", upper, x);
-    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits);
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
     const Plan plan = make_plan(lay.x, per_channel);
@@ -200,15 +199,11 @@ at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int
     return out.to(param.scalar_type()).reshape(param.sizes());
 }
 
+// alpha is null in the uniform mode, which has no alpha and returns no grad for it.
 std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                      const at::Tensor& lower, const at::Tensor& upper,
-                                     const at::Tensor& alpha, int64_t bits, int mode) {
-    check_input(op, "x", x);
-    check_grad(op, grad, x);
-    check_bits(op, bits);
-    bool per_channel = check_param(op, "lower", lower, x);
-    per_channel |= check_param(op, "upper", upper, x);
-    per_channel |= check_param(op, "alpha", alpha, x);
+                                     const at::Tensor* alpha, int64_t bits, int mode) {
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits);
     const Layout lay = make_layout(x, per_channel);
     const Plan plan = make_plan(lay.x, per_channel);
     std::vector<double> partial(3 * plan.tasks(), 0.0);
@@ -223,8 +218,10 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
                                                mode, partial);
         });
     }
-    return {lay.out, reduce_grad(partial, plan, 0, lower), reduce_grad(partial, plan, 1, upper),
-            reduce_grad(partial, plan, 2, alpha)};
+    std::vector<at::Tensor> r = {lay.out, reduce_grad(partial, plan, 0, lower),
+                                 reduce_grad(partial, plan, 1, upper)};
+    if (alpha) r.push_back(reduce_grad(partial, plan, 2, *alpha));
+    return r;
 }
 
 at::Tensor dsq_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
@@ -240,7 +237,7 @@ at::Tensor uniform_quantize_cpu(const at::Tensor& x, const at::Tensor& lower,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
     const at::Tensor& alpha, int64_t bits) {
-    auto r = backward_cpu("dsq_quantize_backward", grad, x, lower, upper, alpha, bits,
+    auto r = backward_cpu("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
                           DSQ_MODE_DSQ);
     return {r[0], r[1], r[2], r[3]};
 }
@@ -248,9 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
     const at::Tensor& upper, int64_t bits) {
-    // alpha is unused in the straight-through mode; any valid per-tensor value will do.
-    const at::Tensor alpha = at::empty({}, lower.options().dtype(at::kFloat)).fill_(0.5);
-    auto r = backward_cpu("uniform_quantize_backward", grad, x, lower, upper, alpha, bits,
+    auto r = backward_cpu("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
                           DSQ_MODE_UNIFORM);
     return {r[0], r[1], r[2]};
 }

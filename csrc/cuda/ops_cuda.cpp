@@ -74,11 +74,7 @@ struct Grad {
 
 at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& lower,
                         const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
-    check_input(op, "x", x);
-    check_bits(op, bits);
-    bool per_channel = check_param(op, "lower", lower, x);
-    per_channel |= check_param(op, "upper", upper, x);
-    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
@@ -96,12 +92,7 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& l
 std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                       const at::Tensor& lower, const at::Tensor& upper,
                                       const at::Tensor* alpha, int64_t bits, int mode) {
-    check_input(op, "x", x);
-    check_grad(op, grad, x);
-    check_bits(op, bits);
-    bool per_channel = check_param(op, "lower", lower, x);
-    per_channel |= check_param(op, "upper", upper, x);
-    if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) {
