@@ -12,7 +12,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
