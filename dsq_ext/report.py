@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _C
+
 __all__ = ["QuantizerState", "LayerState", "load_layers", "markdown_table", "soft_staircase", "plot"]
 
 _KEY = re.compile(
@@ -26,7 +28,7 @@ _KEY = re.compile(
 )
 
 # The range the kernels clamp alpha into (csrc/dsq_math.h): a clamped alpha shapes nothing beyond it.
-ALPHA_MIN, ALPHA_MAX, K_MAX = 1e-3, 0.5, 1000.0
+ALPHA_MIN, ALPHA_MAX, K_MAX = _C.ALPHA_MIN, _C.ALPHA_MAX, _C.K_MAX
 
 
 @dataclass
