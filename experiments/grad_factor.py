@@ -71,7 +71,9 @@ def main():
 
         def factor(t, quant):
             lo, hi = torch.minimum(quant.lower, quant.upper), torch.maximum(quant.lower, quant.upper)
-            g = ops.dsq_quantize_backward(torch.ones_like(t), t, lo.detach(), hi.detach(), quant.alpha.detach(), quant.bits)[0]
+            g = ops.dsq_quantize_backward(
+                torch.ones_like(t), t, lo.detach(), hi.detach(), quant.alpha.detach(), quant.bits
+            )[0]
             return g
 
         def hook(name):
@@ -102,12 +104,16 @@ def main():
         for h in handles:
             h.remove()
         print(f"\n{path}: DSQ W{q['w_bits']}A{q['a_bits']}, {args.n} validation images")
-        print("| layer | mean dy/dx, activations > 0 inside [l, u] | share of activations > 0 inside [l, u] | share of those in the lowest half-interval | mean dy/dx, weights |")
+        print(
+            "| layer | mean dy/dx, activations > 0 inside [l, u] | share of activations > 0 inside [l, u] | share of those in the lowest half-interval | mean dy/dx, weights |"
+        )
         print("|---|---|---|---|---|")
         for name, d, share, low, dw in rows:
             print(f"| {name} | {d:.3f} | {share:.3f} | {low:.3f} | {dw:.3f} |")
         prod = math.prod(r[1] for r in rows)
-        print(f"| mean over layers | {sum(r[1] for r in rows) / len(rows):.3f} | | | {sum(r[4] for r in rows) / len(rows):.3f} |")
+        print(
+            f"| mean over layers | {sum(r[1] for r in rows) / len(rows):.3f} | | | {sum(r[4] for r in rows) / len(rows):.3f} |"
+        )
         print(f"\nproduct of the per-layer activation factors over the {len(rows)} layers: {prod:.3g}")
 
 

@@ -121,7 +121,9 @@ def main():
             by_prefix.setdefault(m["prefix"], []).append((int(m["seed"]), r))
 
     lines = []
-    lines.append("| method | W/A bits | epochs | seeds | top-1 (%) | top-5 (%) | top-1 per seed | wall time per run (s) |")
+    lines.append(
+        "| method | W/A bits | epochs | seeds | top-1 (%) | top-5 (%) | top-1 per seed | wall time per run (s) |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     main_names = set()
     for label, prefix, _ in ROWS:
@@ -181,7 +183,9 @@ def main():
         lines.append("| run | fine-tuning epochs | top-1 (%) | top-5 (%) | wall time (s) |")
         lines.append("|---|---|---|---|---|")
         for r in extra:
-            lines.append(f"| {r['name']} | {r['epochs']} | {r['acc1']:.2f} | {r['acc5']:.2f} | {r['wall_s']} |")
+            lines.append(
+                f"| {r['name']} | {r['epochs']} | {r['acc1']:.2f} | {r['acc5']:.2f} | {r['wall_s']} |"
+            )
         groups = {}
         for r in extra:
             m = RUN_RE.match(r["name"])
@@ -192,8 +196,10 @@ def main():
                 lines.append(f"| {prefix}, {len(vals)} seeds | | {fmt_mean(vals)} | | |")
 
     lines.append("")
-    lines.append("Commands (run from the repository root; `experiments/run_study.sh NAME` or "
-        "`experiments/run_investigation.sh NAME` runs one, by the name in the comment):")
+    lines.append(
+        "Commands (run from the repository root; `experiments/run_study.sh NAME` or "
+        "`experiments/run_investigation.sh NAME` runs one, by the name in the comment):"
+    )
     lines.append("")
     lines.append("```")
     for n in names:
@@ -272,7 +278,9 @@ def plot_curves(runs):
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
-    fig.suptitle("ResNet-18 on Fashion-MNIST 32x32: float, then 1 epoch of W2A2 fine-tuning (uniform STE vs DSQ)")
+    fig.suptitle(
+        "ResNet-18 on Fashion-MNIST 32x32: float, then 1 epoch of W2A2 fine-tuning (uniform STE vs DSQ)"
+    )
     fig.tight_layout()
     fig.savefig(os.path.join(FIGURES, "curves_w2a2.png"), dpi=110)
     plt.close(fig)
