@@ -39,41 +39,4 @@ add dsq_w2a2_a05_s2     "-q DSQ ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} 
 add uniform_w2a2_ep2_s0 "-q uniform ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
 add dsq_w2a2_ep2_s0     "-q DSQ ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
 
-command_of() {
-    # shellcheck disable=SC2086
-    echo "$PYTHON" train.py "${COMMON[@]}" ${ARGS[$1]} --log_path "$RUNS/$1" "$DATA"
-}
-
-run() {
-    local name=$1 cmd start rc
-    cmd=$(command_of "$name")
-    mkdir -p "$RUNS/$name"
-    echo "$cmd" > "$RUNS/$name/command.txt"
-    echo "[$(date -u +%H:%M:%S)] $name: $cmd"
-    start=$(date +%s)
-    rc=0
-    # shellcheck disable=SC2086
-    $cmd > "$RUNS/$name/train.log" 2>&1 || rc=$?
-    echo "rc=$rc wall_s=$(( $(date +%s) - start ))" > "$RUNS/$name/done"
-    echo "[$(date -u +%H:%M:%S)] $name: $(cat "$RUNS/$name/done"); $(grep -o 'best Acc@1 [0-9.]*' "$RUNS/$name/train.log" || true)"
-    return "$rc"
-}
-
-if [[ ${1:-} == --list ]]; then
-    for name in "${NAMES[@]}"; do echo "$name: $(command_of "$name")"; done
-    exit 0
-fi
-if [[ $# -gt 0 ]]; then
-    for name in "$@"; do
-        [[ -n ${ARGS[$name]+x} ]] || { echo "unknown run '$name'; see --list" >&2; exit 2; }
-        run "$name"
-    done
-    exit 0
-fi
-for name in "${NAMES[@]}"; do
-    if grep -qs '^rc=0 ' "$RUNS/$name/done"; then
-        echo "$name: finished already ($(cat "$RUNS/$name/done")), skipped"
-        continue
-    fi
-    run "$name"
-done
+source experiments/runs_lib.sh

@@ -11,6 +11,7 @@
 #   .venv/bin/python experiments/make_results.py
 # reads runs/ and writes the tables and figures.
 #
+# The run machinery is experiments/runs_lib.sh.
 # Environment: PYTHON (default .venv/bin/python), DATA (default data/fashion-mnist,
 # `make data` writes it), RUNS (default runs).
 set -euo pipefail
@@ -47,44 +48,4 @@ add dsq_w3a3_s0     "-q DSQ --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 
 # the quantized rows are compared with a float model of the same total training.
 add float_ft1_s0    "${FINETUNE[*]} --seed 0"
 
-command_of() {
-    local name=$1
-    # shellcheck disable=SC2086  # ARGS values are word lists
-    echo "$PYTHON" train.py "${COMMON[@]}" ${ARGS[$name]} --log_path "$RUNS/$name" "$DATA"
-}
-
-run() {
-    local name=$1 cmd start rc
-    cmd=$(command_of "$name")
-    mkdir -p "$RUNS/$name"
-    echo "$cmd" > "$RUNS/$name/command.txt"
-    echo "[$(date -u +%H:%M:%S)] $name: $cmd"
-    start=$(date +%s)
-    rc=0
-    # shellcheck disable=SC2086
-    $cmd > "$RUNS/$name/train.log" 2>&1 || rc=$?
-    echo "rc=$rc wall_s=$(( $(date +%s) - start ))" > "$RUNS/$name/done"
-    echo "[$(date -u +%H:%M:%S)] $name: $(cat "$RUNS/$name/done"); $(grep -o 'best Acc@1 [0-9.]*' "$RUNS/$name/train.log" || true)"
-    return "$rc"
-}
-
-if [[ ${1:-} == --list ]]; then
-    for name in "${NAMES[@]}"; do echo "$name: $(command_of "$name")"; done
-    exit 0
-fi
-
-if [[ $# -gt 0 ]]; then
-    for name in "$@"; do
-        [[ -n ${ARGS[$name]+x} ]] || { echo "unknown run '$name'; see --list" >&2; exit 2; }
-        run "$name"
-    done
-    exit 0
-fi
-
-for name in "${NAMES[@]}"; do
-    if grep -qs '^rc=0 ' "$RUNS/$name/done"; then
-        echo "$name: finished already ($(cat "$RUNS/$name/done")), skipped"
-        continue
-    fi
-    run "$name"
-done
+source experiments/runs_lib.sh
