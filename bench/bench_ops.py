@@ -24,7 +24,6 @@ machine hit them alike), and the bytes each keeps alive for backward.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -530,12 +529,10 @@ def main(argv=None) -> int:
         print(f"\n### Thread scaling: {size_name(label, shape)}, float32, per_tensor\n")
         print(scaling_table(scaling_rows, threads_list))
 
-    info["loadavg_end"] = common._loadavg()
-    if info["loadavg_end"]:
-        print("\nload average at end: " + ", ".join(f"{v:.2f}" for v in info["loadavg_end"]))
-    if args.json:
-        out = {
-            "machine": info,
+    common.finish(
+        info,
+        args.json,
+        {
             "args": vars(args),
             "bits": BITS,
             "reps": reps,
@@ -543,10 +540,8 @@ def main(argv=None) -> int:
             "inner": inner,
             "results": all_rows,
             "scaling": scaling_rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(common.json_clean(out), f, indent=1)
-        print(f"wrote {args.json}")
+        },
+    )
     return 0
 
 

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import math
 import os
 import sys
@@ -248,22 +247,12 @@ def main(argv=None) -> int:
     if bad:
         print(f"warning: non-finite loss in {', '.join(bad)} (timings of NaN steps are not representative)")
 
-    info["loadavg_end"] = common._loadavg()
-    if info["loadavg_end"]:
-        print("load average at end: " + ", ".join(f"{v:.2f}" for v in info["loadavg_end"]))
-    if args.json:
-        out = {
-            "machine": info,
-            "args": vars(args),
-            "batch": batch,
-            "image_size": size,
-            "reps": reps,
-            "warmup": warmup,
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(common.json_clean(out), f, indent=1)
-        print(f"wrote {args.json}")
+    common.finish(
+        info,
+        args.json,
+        {"args": vars(args), "batch": batch, "image_size": size, "reps": reps, "warmup": warmup}
+        | {"results": rows},
+    )
     return 0
 
 

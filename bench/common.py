@@ -8,6 +8,7 @@ makes the repository importable when dsq_ext is not installed.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -242,3 +243,14 @@ def json_clean(obj):
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     return str(obj)
+
+
+def finish(info: dict, json_path: str | None, results: dict) -> None:
+    """Prints the load average at the end and writes the run (machine, results) as JSON if asked."""
+    info["loadavg_end"] = _loadavg()
+    if info["loadavg_end"]:
+        print("\nload average at end: " + ", ".join(f"{v:.2f}" for v in info["loadavg_end"]))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(json_clean({"machine": info, **results}), f, indent=1)
+        print(f"wrote {json_path}")
