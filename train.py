@@ -101,34 +101,22 @@ def _quant_method(text):
     return method
 
 
-def _bits(text):
-    try:
-        bits = int(text)
-    except ValueError:
-        bits = None
-    if bits is None or not 1 <= bits <= 8:
-        raise argparse.ArgumentTypeError(f"bit width must be an integer in 1..8, got {text!r}")
-    return bits
+def _checked(kind, ok, message):
+    """An argparse type: kind(text), rejected with message unless ok(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{message}, got {text!r}")
+        return value
+    return parse
 
 
-def _alpha(text):
-    try:
-        alpha = float(text)
-    except ValueError:
-        alpha = None
-    if alpha is None or not 0.0 < alpha <= 0.5:
-        raise argparse.ArgumentTypeError(f"DSQ's alpha must be in (0, 0.5], got {text!r}")
-    return alpha
-
-
-def _positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+_bits = _checked(int, lambda b: 1 <= b <= 8, "bit width must be an integer in 1..8")
+_alpha = _checked(float, lambda a: 0.0 < a <= 0.5, "DSQ's alpha must be in (0, 0.5]")
+_positive = _checked(int, lambda n: n >= 1, "expected a positive integer")
 
 
 # Processes per node on CPU, where there is no GPU count to take it from.
