@@ -9,6 +9,7 @@
 # failing step is recorded in $OUT/summary.txt and the next one still runs, so
 # one call yields every result; the exit status is 1 if any step failed.
 # Per-step time limits in seconds: BUILD_TIMEOUT (300), TEST_TIMEOUT (300), BENCH_TIMEOUT (240 each).
+# The tests run on 8 processes where pytest-xdist is installed (PYTEST_ARGS overrides).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -52,7 +53,12 @@ step build "${BUILD_TIMEOUT:-300}" "$PYTHON" setup.py build_ext --inplace
 step build_info 60 "$PYTHON" -c "import json, dsq_ext; i = dsq_ext.build_info(); \
 print(json.dumps(i)); assert 'CUDA' in i['backends'], 'the CUDA kernels are not registered'"
 
-step tests "${TEST_TIMEOUT:-300}" "$PYTHON" -m pytest -q tests -x -p no:cacheprovider
+if [[ -z "${PYTEST_ARGS+x}" ]]; then
+    PYTEST_ARGS=""
+    "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
+fi
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+step tests "${TEST_TIMEOUT:-300}" "$PYTHON" -m pytest -q tests -p no:cacheprovider -rs $PYTEST_ARGS
 
 # What the tests do not check: CUDA against CPU on tensors of many chunks, the
 # reductions bit-identical run to run, no host synchronisation, and the
@@ -108,6 +114,21 @@ fwd_bwd(x, torch.tensor(-1.0, device=dev), torch.ones(4, device=dev), torch.tens
 torch.cuda.set_sync_debug_mode("default")
 print("forward + backward ran without a host synchronisation")
 
+# bf16 computes in float32 registers, never in a float32 copy: beyond its inputs, a
+# forward+backward allocates y and dx (2 bytes per element each) and the small
+# per-chunk partial sums; a float32 copy of x would add at least 4 bytes per element.
+xb = torch.randn(128, 64, 56, 56, device=dev).to(torch.bfloat16).requires_grad_()
+gb = torch.randn_like(xb)
+pb = [torch.tensor(v, device=dev, requires_grad=True) for v in (-1.0, 1.0, 0.2)]
+torch.cuda.synchronize()
+torch.cuda.reset_peak_memory_stats()
+base = torch.cuda.memory_allocated()
+torch.autograd.grad(dsq_ext.dsq_quantize(xb, *pb, 4), [xb, *pb], gb)
+extra = (torch.cuda.max_memory_allocated() - base) / xb.nbytes
+print(f"bf16 forward+backward peak allocation beyond its inputs: {extra:.3f}x the input (y + dx = 2)")
+assert extra < 2.1, extra
+del xb, gb
+
 
 def median_ms(fn, reps=25):
     for _ in range(3):
@@ -147,8 +168,14 @@ with open(sys.argv[1], "w") as f:
     json.dump(report, f, indent=1)
 EOF
 
-step bench_ops "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
+# The issue's activation (128x64x56x56) and a weight; torch.compile (a fresh compile
+# per configuration) only where the comparison matters most, to keep the pass short.
+step bench_ops "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_ops.py --device cuda --no-compile \
+    --sizes 128x64x56x56,weight --dtypes float32,bfloat16,float16 --json "$OUT/bench_ops.json"
 step bench_step "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_step.py --device cuda --json "$OUT/bench_step.json"
+step bench_compiled "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_ops.py --device cuda --compile \
+    --sizes 128x64x56x56 --dtypes float32 --granularity per_tensor \
+    --candidates copy,dsq,composite,composite_compiled --json "$OUT/bench_compiled.json"
 
 echo "=== summary ($OUT)"
 cat "$SUMMARY"

@@ -1,5 +1,9 @@
 """train.py end to end on a tiny ImageFolder, on CPU; plus dsq_ext.report and dsq_ext.datasets.
 
+The runs hide any GPU (CUDA_VISIBLE_DEVICES=""), so they check the same thing on
+every machine (the DDP test needs two CPU processes, not one per GPU); one test
+runs train.py on CUDA where a GPU is present.
+
 train.py runs as a subprocess (as a user runs it), one thread each so that the
 suite stays usable on a small shared machine. Argument checks run in-process
 against train.py's own parser, which is much faster than starting Python.
@@ -29,7 +33,8 @@ from dsq_ext import datasets, report
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+GPU_ENV = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
 # 32 px, batch 8, no loader workers: a few seconds per epoch of the tiny set.
 SMALL = ["--image-size", "32", "-b", "8", "-j", "0", "-p", "1", "--seed", "0"]
 W4A4 = ["-q", "DSQ", "--quan_bit", "4", "--quantize_input"]
@@ -37,11 +42,11 @@ W4A4 = ["-q", "DSQ", "--quan_bit", "4", "--quantize_input"]
 slow = pytest.mark.slow
 
 
-def run_train(*args, timeout=300, check=True):
+def run_train(*args, timeout=300, check=True, env=ENV):
     proc = subprocess.run(
         [sys.executable, TRAIN, *map(str, args)],
         cwd=REPO,
-        env=ENV,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -149,6 +154,21 @@ def test_dsq_w4a4_one_epoch(dsq_run):
     assert expected <= tags, expected - tags
     assert events.Scalars("val/acc1")[0].value == pytest.approx(ckpt["best_acc1"])
     assert events.Scalars("lr")[0].value == pytest.approx(0.1)
+
+
+@slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dsq_w4a4_one_epoch_on_cuda(data, tmp_path):
+    _, out = run_train(
+        "-a", "resnet18", *W4A4, *SMALL, "--epochs", "1", "--log_path", tmp_path, data, env=GPU_ENV
+    )
+    assert "Using device: cuda" in out
+    sd = load(tmp_path / "checkpoint.pth.tar")["state_dict"]
+    assert bool(sd["layer1.0.conv1.act_quantizer.initialized"])
+    quant = {k: v for k, v in sd.items() if "_quantizer." in k and v.is_floating_point()}
+    assert len(quant) == 19 * 2 * 3  # 19 layers, weight and activation, lower/upper/alpha
+    assert all(torch.isfinite(v).all() for v in quant.values())
+    assert len(_summary_acc1(out)) == 1
 
 
 @slow
