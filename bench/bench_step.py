@@ -121,6 +121,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="leave glibc's heap trimming on (by default freed memory is kept, see common.keep_freed_memory)",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="VARIANTS",
+        help="comma list of variants to run one more step of under torch.profiler, printing "
+        "their kernel count, device time against wall time, and the costliest ops",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
 
@@ -247,13 +254,41 @@ def main(argv=None) -> int:
     if bad:
         print(f"warning: non-finite loss in {', '.join(bad)} (timings of NaN steps are not representative)")
 
+    profiles = {}
+    for v in [v.strip() for v in args.profile.split(",") if v.strip()]:
+        if v not in runners:
+            p.error(f"--profile {v!r} is not among the variants run")
+        profiles[v] = profile_step(runners[v], x, y, device)
+
     common.finish(
         info,
         args.json,
         {"args": vars(args), "batch": batch, "image_size": size, "reps": reps, "warmup": warmup}
-        | {"results": rows},
+        | {"results": rows, "profiles": profiles},
     )
     return 0
+
+
+def profile_step(runner, x, y, device) -> dict:
+    """One step under torch.profiler: how many kernels, how busy the device was, and where."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    common.sync(device)
+    with profile(activities=activities) as prof:
+        wall = common.timed(functools.partial(runner.step, x, y), device)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 if cuda else float("nan")
+    print(f"\n### profile of one {runner.name} step: wall {wall * 1e3:.2f} ms (under the profiler)")
+    if cuda:
+        print(
+            f"{len(kernels)} kernels, {busy * 1e3:.2f} ms of device time ({busy / wall:.0%} of the wall time)"
+        )
+    print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
+    return {"wall_s": wall, "kernels": len(kernels), "device_busy_s": busy}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 # failing step is recorded in $OUT/summary.txt and the next one still runs, so
 # one call yields every result; the exit status is 1 if any step failed.
 # Per-step time limits in seconds: BUILD_TIMEOUT (300), TEST_TIMEOUT (300), BENCH_TIMEOUT (240 each).
-# The tests run on 8 processes where pytest-xdist is installed (PYTEST_ARGS overrides).
+# The tests run on 12 processes where pytest-xdist is installed (PYTEST_ARGS overrides).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -46,16 +46,19 @@ step() {
 }
 
 step env 60 bash -c "nvidia-smi; echo; \"\${CUDA_HOME:-/usr/local/cuda}/bin/nvcc\" --version | tail -2; \
+    \${CXX:-c++} --version | head -1; \
     $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)'"
 
 step build "${BUILD_TIMEOUT:-300}" "$PYTHON" setup.py build_ext --inplace
 
 step build_info 60 "$PYTHON" -c "import json, dsq_ext; i = dsq_ext.build_info(); \
-print(json.dumps(i)); assert 'CUDA' in i['backends'], 'the CUDA kernels are not registered'"
+print(json.dumps(i)); \
+print('libstdc++ in the process:', sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l})); \
+assert 'CUDA' in i['backends'], 'the CUDA kernels are not registered'"
 
 if [[ -z "${PYTEST_ARGS+x}" ]]; then
     PYTEST_ARGS=""
-    "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 8"
+    "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS="-n 12"
 fi
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
 step tests "${TEST_TIMEOUT:-300}" "$PYTHON" -m pytest -q tests -p no:cacheprovider -rs $PYTEST_ARGS
@@ -108,9 +111,14 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             print(f"{name:30s} cuda vs cpu: y {errs[0]:.1e} dx {errs[1]:.1e} sums {max(errs[2:]):.1e} {'ok' if ok else 'MISMATCH'}")
             assert ok, name
 
-torch.cuda.set_sync_debug_mode("error")
+# Inputs first: torch.tensor(v, device="cuda") itself is a synchronous copy.
 x = torch.randn(4, 64, 28, 28, device=dev)
-fwd_bwd(x, torch.tensor(-1.0, device=dev), torch.ones(4, device=dev), torch.tensor(0.2, device=dev), torch.ones_like(x), "dsq")
+p = (torch.full((), -1.0, device=dev), torch.ones(4, device=dev), torch.full((), 0.2, device=dev))
+g = torch.ones_like(x)
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+fwd_bwd(x, *p, g, "dsq")
+fwd_bwd(x, *p, g, "uniform")
 torch.cuda.set_sync_debug_mode("default")
 print("forward + backward ran without a host synchronisation")
 
@@ -172,7 +180,8 @@ EOF
 # per configuration) only where the comparison matters most, to keep the pass short.
 step bench_ops "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_ops.py --device cuda --no-compile \
     --sizes 128x64x56x56,weight --dtypes float32,bfloat16,float16 --json "$OUT/bench_ops.json"
-step bench_step "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_step.py --device cuda --json "$OUT/bench_step.json"
+step bench_step "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_step.py --device cuda --profile float,dsq \
+    --json "$OUT/bench_step.json"
 step bench_compiled "${BENCH_TIMEOUT:-240}" "$PYTHON" bench/bench_ops.py --device cuda --compile \
     --sizes 128x64x56x56 --dtypes float32 --granularity per_tensor \
     --candidates copy,dsq,composite,composite_compiled --json "$OUT/bench_compiled.json"

@@ -8,19 +8,40 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <cstdio>
+#include <string>
+
 namespace dsq_ext {
+
+// Numbers in messages are formatted here rather than streamed: streaming an
+// integer into the message goes through the C++ stream locale (num_put), which
+// crashed the interpreter where the extension was built by another GCC than
+// torch's (see docs/gpu.md). Strings and the names below stream safely.
+inline std::string num(int64_t v) { return std::to_string(v); }
+inline std::string num(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    return buf;
+}
+inline std::string shape(at::IntArrayRef sizes) {
+    std::string s = "[";
+    for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + num(int64_t(sizes[i]));
+    return s + "]";
+}
+inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 
 inline bool is_supported_float(at::ScalarType t) {
     return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 inline void check_bits(const char* op, int64_t bits) {
-    TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+    TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", num(bits));
 }
 
 inline void check_input(const char* op, const char* name, const at::Tensor& t) {
     TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
-                " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+                " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
 }
 
 // A quantizer parameter (lower, upper, alpha) is per tensor when it has one
@@ -29,32 +50,51 @@ inline void check_input(const char* op, const char* name, const at::Tensor& t) {
 inline bool check_param(const char* op, const char* name, const at::Tensor& p,
                         const at::Tensor& x) {
     TORCH_CHECK(is_supported_float(p.scalar_type()), op, ": ", name,
-                " must be a float32, float64, float16 or bfloat16 tensor, got ", p.scalar_type());
-    TORCH_CHECK(p.device() == x.device(), op, ": ", name, " is on ", p.device(),
-                " but x is on ", x.device(), "; move the quantizer parameters to x's device");
+                " must be a float32, float64, float16 or bfloat16 tensor, got ", dtype_name(p.scalar_type()));
+    TORCH_CHECK(p.device() == x.device(), op, ": ", name, " is on ", p.device().str(),
+                " but x is on ", x.device().str(), "; move the quantizer parameters to x's device");
     if (p.numel() == 1) return false;
     TORCH_CHECK(x.dim() >= 1 && p.dim() == 1 && p.size(0) == x.size(0), op, ": ", name,
                 " must have one element (per tensor) or shape [x.size(0)] (per channel); got ",
-                name, " of shape ", p.sizes(), " for x of shape ", x.sizes());
+                name, " of shape ", shape(p.sizes()), " for x of shape ", shape(x.sizes()));
     return true;
 }
 
 inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& x) {
     check_input(op, "grad", grad);
-    TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", x.sizes(),
-                ", got ", grad.sizes());
-    TORCH_CHECK(grad.device() == x.device(), op, ": grad is on ", grad.device(),
-                " but x is on ", x.device());
+    TORCH_CHECK(grad.sizes() == x.sizes(), op, ": grad must have x's shape ", shape(x.sizes()),
+                ", got ", shape(grad.sizes()));
+    TORCH_CHECK(grad.device() == x.device(), op, ": grad is on ", grad.device().str(),
+                " but x is on ", x.device().str());
+}
+
+// What the layers ask of an op besides the math (see Quantizer.forward):
+//   grad_scale   multiplies the reduced gradients of lower, upper and alpha (not
+//                x's): LSQ's gradient scaling, applied to the sums in double;
+//   sort_bounds  a lower above its upper (learned bounds that crossed) is used
+//                as the upper and vice versa, each channel on its own, and their
+//                gradients follow them; ties and NaN are left as they are.
+// As separate torch ops (minimum, maximum, the scaling's mul/sub/add and their
+// backwards) these cost about 25 small kernels per quantizer and training step.
+struct Options {
+    double grad_scale;
+    bool sort_bounds;
+};
+
+inline void check_grad_scale(const char* op, double grad_scale) {
+    TORCH_CHECK(std::isfinite(grad_scale) && grad_scale >= 0, op,
+                ": grad_scale must be a finite number >= 0, got ", num(grad_scale));
 }
 
 // Every check of an op, in the same order on every backend; grad is null for a
 // forward, alpha in the uniform mode. Returns whether any parameter is per channel.
 inline bool check_args(const char* op, const at::Tensor* grad, const at::Tensor& x,
                        const at::Tensor& lower, const at::Tensor& upper, const at::Tensor* alpha,
-                       int64_t bits) {
+                       int64_t bits, const Options& opt) {
     check_input(op, "x", x);
     if (grad) check_grad(op, *grad, x);
     check_bits(op, bits);
+    check_grad_scale(op, opt.grad_scale);
     bool per_channel = check_param(op, "lower", lower, x);
     per_channel |= check_param(op, "upper", upper, x);
     if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);

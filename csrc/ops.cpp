@@ -110,24 +110,36 @@ void for_each_task(const Plan& plan, const Fn& fn) {
 
 // scalar_t is the storage type, T the compute type (float for the 16-bit types).
 // float16 is widened to float32 in stack chunks; bfloat16 has kernels of its own.
+// Channel c's bounds as the kernels use them; true when sort_bounds swapped them.
+template <typename T>
+bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort, T& l, T& u) {
+    l = lo[c];
+    u = up[c];
+    if (!(sort && u < l)) return false;
+    std::swap(l, u);
+    return true;
+}
+
 template <typename scalar_t, typename T>
 void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
-                  const at::Tensor& upper, int bits) {
+                  const at::Tensor& upper, int bits, const Options& opt) {
     const Param<T> lo(&lower, c10::CppTypeToScalarType<T>::value);
     const Param<T> up(&upper, c10::CppTypeToScalarType<T>::value);
     const scalar_t* x = lay.x.data_ptr<scalar_t>();
     scalar_t* y = lay.out.data_ptr<scalar_t>();
     for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
+        T l, u;
+        bounds(lo, up, c, opt.sort_bounds, l, u);
         if constexpr (std::is_same_v<scalar_t, T>) {
-            forward_kernel<T>(x + start, y + start, len, lo[c], up[c], bits);
+            forward_kernel<T>(x + start, y + start, len, l, u, bits);
         } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            dsq_forward_bf16(bits16(x + start), bits16(y + start), len, lo[c], up[c], bits);
+            dsq_forward_bf16(bits16(x + start), bits16(y + start), len, l, u, bits);
         } else {
             T bx[kChunk], by[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
                 const int64_t m = std::min(kChunk, len - s);
                 for (int64_t j = 0; j < m; ++j) bx[j] = static_cast<T>(x[start + s + j]);
-                forward_kernel<T>(bx, by, m, lo[c], up[c], bits);
+                forward_kernel<T>(bx, by, m, l, u, bits);
                 for (int64_t j = 0; j < m; ++j) y[start + s + j] = static_cast<scalar_t>(by[j]);
             }
         }
@@ -137,7 +149,7 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
 template <typename scalar_t, typename T>
 void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
                    const at::Tensor& lower, const at::Tensor& upper, const at::Tensor* alpha,
-                   int bits, int mode, std::vector<double>& partial) {
+                   int bits, int mode, const Options& opt, std::vector<double>& partial) {
     const Param<T> lo(&lower, c10::CppTypeToScalarType<T>::value);
     const Param<T> up(&upper, c10::CppTypeToScalarType<T>::value);
     const Param<T> al(alpha, c10::CppTypeToScalarType<T>::value);
@@ -146,12 +158,14 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
     scalar_t* dx = lay.out.data_ptr<scalar_t>();
     for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t t) {
         double* sums = partial.data() + 3 * t;
+        T l, u;
+        const bool swapped = bounds(lo, up, c, opt.sort_bounds, l, u);
         if constexpr (std::is_same_v<scalar_t, T>) {
-            backward_kernel<T>(g + start, x + start, dx + start, len, lo[c], up[c], al[c], bits,
-                               mode, sums);
+            backward_kernel<T>(g + start, x + start, dx + start, len, l, u, al[c], bits, mode,
+                               sums);
         } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            dsq_backward_bf16(bits16(g + start), bits16(x + start), bits16(dx + start), len,
-                              lo[c], up[c], al[c], bits, mode, sums);
+            dsq_backward_bf16(bits16(g + start), bits16(x + start), bits16(dx + start), len, l,
+                              u, al[c], bits, mode, sums);
         } else {
             T bg[kChunk], bx[kChunk], bd[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
@@ -160,33 +174,36 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
                     bg[j] = static_cast<T>(g[start + s + j]);
                     bx[j] = static_cast<T>(x[start + s + j]);
                 }
-                backward_kernel<T>(bg, bx, bd, m, lo[c], up[c], al[c], bits, mode, sums);
+                backward_kernel<T>(bg, bx, bd, m, l, u, al[c], bits, mode, sums);
                 for (int64_t j = 0; j < m; ++j) dx[start + s + j] = static_cast<scalar_t>(bd[j]);
             }
         }
+        // Slot 0 is always the parameter `lower`: a swapped lower was used as the upper.
+        if (swapped) std::swap(sums[0], sums[1]);
     });
 }
 
 at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lower,
-                       const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits);
+                       const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
+                       const Options& opt) {
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
     const Plan plan = make_plan(lay.x, per_channel);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
         if constexpr (std::is_same_v<scalar_t, double>)
-            forward_impl<scalar_t, double>(lay, plan, lower, upper, int(bits));
+            forward_impl<scalar_t, double>(lay, plan, lower, upper, int(bits), opt);
         else
-            forward_impl<scalar_t, float>(lay, plan, lower, upper, int(bits));
+            forward_impl<scalar_t, float>(lay, plan, lower, upper, int(bits), opt);
     });
     return lay.out;
 }
 
 // Sums the per-block partials of one gradient (k = 0 lower, 1 upper, 2 alpha)
-// in block order, per channel when the parameter is, and returns it in the
-// parameter's shape and dtype.
+// in block order, per channel when the parameter is, scales the sums by
+// grad_scale, and returns them in the parameter's shape and dtype.
 at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int k,
-                       const at::Tensor& param) {
+                       const at::Tensor& param, double scale) {
     const bool per_channel = param.numel() != 1;
     at::Tensor out = at::zeros({per_channel ? plan.channels : 1}, param.options().dtype(at::kDouble)
                                                                      .device(at::kCPU));
@@ -196,14 +213,16 @@ at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int
         for (int64_t b = 0; b < plan.blocks; ++b) s += partial[3 * (c * plan.blocks + b) + k];
         o[per_channel ? c : 0] += s;
     }
+    for (int64_t i = 0; i < out.numel(); ++i) o[i] *= scale;
     return out.to(param.scalar_type()).reshape(param.sizes());
 }
 
 // alpha is null in the uniform mode, which has no alpha and returns no grad for it.
 std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                      const at::Tensor& lower, const at::Tensor& upper,
-                                     const at::Tensor* alpha, int64_t bits, int mode) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits);
+                                     const at::Tensor* alpha, int64_t bits, int mode,
+                                     const Options& opt) {
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
     const Layout lay = make_layout(x, per_channel);
     const Plan plan = make_plan(lay.x, per_channel);
     std::vector<double> partial(3 * plan.tasks(), 0.0);
@@ -212,47 +231,51 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
             if constexpr (std::is_same_v<scalar_t, double>)
                 backward_impl<scalar_t, double>(g, lay, plan, lower, upper, alpha, int(bits),
-                                                mode, partial);
+                                                mode, opt, partial);
             else
                 backward_impl<scalar_t, float>(g, lay, plan, lower, upper, alpha, int(bits),
-                                               mode, partial);
+                                               mode, opt, partial);
         });
     }
-    std::vector<at::Tensor> r = {lay.out, reduce_grad(partial, plan, 0, lower),
-                                 reduce_grad(partial, plan, 1, upper)};
-    if (alpha) r.push_back(reduce_grad(partial, plan, 2, *alpha));
+    const double s = opt.grad_scale;
+    std::vector<at::Tensor> r = {lay.out, reduce_grad(partial, plan, 0, lower, s),
+                                 reduce_grad(partial, plan, 1, upper, s)};
+    if (alpha) r.push_back(reduce_grad(partial, plan, 2, *alpha, s));
     return r;
 }
 
 at::Tensor dsq_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-                            const at::Tensor& alpha, int64_t bits) {
-    return forward_cpu("dsq_quantize", x, lower, upper, &alpha, bits);
+                            const at::Tensor& alpha, int64_t bits, double grad_scale,
+                            bool sort_bounds) {
+    return forward_cpu("dsq_quantize", x, lower, upper, &alpha, bits, {grad_scale, sort_bounds});
 }
 
 at::Tensor uniform_quantize_cpu(const at::Tensor& x, const at::Tensor& lower,
-                                const at::Tensor& upper, int64_t bits) {
-    return forward_cpu("uniform_quantize", x, lower, upper, nullptr, bits);
+                                const at::Tensor& upper, int64_t bits, double grad_scale,
+                                bool sort_bounds) {
+    return forward_cpu("uniform_quantize", x, lower, upper, nullptr, bits,
+                       {grad_scale, sort_bounds});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-    const at::Tensor& alpha, int64_t bits) {
+    const at::Tensor& alpha, int64_t bits, double grad_scale, bool sort_bounds) {
     auto r = backward_cpu("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
-                          DSQ_MODE_DSQ);
+                          DSQ_MODE_DSQ, {grad_scale, sort_bounds});
     return {r[0], r[1], r[2], r[3]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-    const at::Tensor& upper, int64_t bits) {
+    const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds) {
     auto r = backward_cpu("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
-                          DSQ_MODE_UNIFORM);
+                          DSQ_MODE_UNIFORM, {grad_scale, sort_bounds});
     return {r[0], r[1], r[2]};
 }
 
 at::Tensor fast_tanh_cpu(const at::Tensor& x) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "_fast_tanh: x must be float32, got ",
-                x.scalar_type());
+                dtype_name(x.scalar_type()));
     const at::Tensor xc = x.contiguous();
     at::Tensor y = at::empty_like(xc);
     dsq_tanh_f32_array(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
@@ -261,15 +284,23 @@ at::Tensor fast_tanh_cpu(const at::Tensor& x) {
 
 }  // namespace
 
+// grad_scale and sort_bounds: see Options in checks.h. The forward ops take
+// grad_scale too, although their value does not depend on it, so that their
+// autograd formula (dsq_ext/ops.py) can pass it on to the backward op.
 TORCH_LIBRARY(dsq_ext, m) {
-    m.def("dsq_quantize(Tensor x, Tensor lower, Tensor upper, Tensor alpha, int bits) -> Tensor");
+    m.def(
+        "dsq_quantize(Tensor x, Tensor lower, Tensor upper, Tensor alpha, int bits, "
+        "float grad_scale=1., bool sort_bounds=False) -> Tensor");
     m.def(
         "dsq_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, Tensor alpha, "
-        "int bits) -> (Tensor, Tensor, Tensor, Tensor)");
-    m.def("uniform_quantize(Tensor x, Tensor lower, Tensor upper, int bits) -> Tensor");
+        "int bits, float grad_scale=1., bool sort_bounds=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def(
-        "uniform_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, int bits) "
-        "-> (Tensor, Tensor, Tensor)");
+        "uniform_quantize(Tensor x, Tensor lower, Tensor upper, int bits, "
+        "float grad_scale=1., bool sort_bounds=False) -> Tensor");
+    m.def(
+        "uniform_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, int bits, "
+        "float grad_scale=1., bool sort_bounds=False) -> (Tensor, Tensor, Tensor)");
     // The float tanh approximation the CPU DSQ backward uses; exposed for its accuracy test.
     m.def("_fast_tanh(Tensor x) -> Tensor");
 }

@@ -39,12 +39,6 @@ METHODS = ("dsq", "uniform")
 BOUNDS = ("learned", "ema")
 
 
-def _scale_grad(p: Tensor, scale: float) -> Tensor:
-    # Value exactly p (y - y == 0), gradient scale * upstream.
-    ps = p * scale
-    return p.detach() + (ps - ps.detach())
-
-
 def _all_reduce_(t: Tensor, op) -> Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op)
@@ -176,22 +170,23 @@ class Quantizer(nn.Module):
                 )
             # A weight's range is not a batch statistic: setting it in eval is safe.
             self.observe(x)
-        lower, upper, alpha = self.lower, self.upper, self.alpha
-        if self.bounds == "learned":
-            # Learning can push upper below lower (seen on depthwise convs, whose
-            # channels have a handful of weights); the two then swap roles instead
-            # of collapsing the channel to a constant with no gradient.
-            lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
+        # Both done inside the kernels (see dsq_ext/ops.py), which as separate torch
+        # ops would cost about 25 small kernels per quantizer and step:
+        # - learning can push upper below lower (seen on depthwise convs, whose
+        #   channels have a handful of weights); the two then swap roles instead
+        #   of collapsing the channel to a constant with no gradient;
+        # - LSQ's gradient scale 1 / sqrt(elements per channel * levels) keeps the
+        #   steps of lower, upper and alpha in proportion to those of the weights.
+        s = 1.0
         if self.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
-            if self.bounds == "learned":
-                lower, upper = _scale_grad(lower, s), _scale_grad(upper, s)
-            if alpha is not None:
-                alpha = _scale_grad(alpha, s)
+        sort = self.bounds == "learned"
         if self.method == "dsq":
-            return ops.dsq_quantize(x, lower, upper, alpha, self.bits)
-        return ops.uniform_quantize(x, lower, upper, self.bits)
+            return ops.dsq_quantize(
+                x, self.lower, self.upper, self.alpha, self.bits, grad_scale=s, sort_bounds=sort
+            )
+        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, grad_scale=s, sort_bounds=sort)
 
 
 class _QuantMixin:

@@ -8,10 +8,21 @@ backward op.
 lower, upper and alpha are tensors: one element (per tensor) or 1-D of length
 x.size(0) (per channel). They are never read on the host, so nothing here
 synchronises a GPU or breaks a graph.
+
+Two options serve the layers (dsq_ext.nn.Quantizer), done inside the kernels
+so that they cost no extra kernel launches:
+  grad_scale   multiplies the gradients of lower, upper and alpha (not of x),
+               as LSQ's gradient scaling does; the forward value ignores it;
+  sort_bounds  where upper < lower (learned bounds that crossed), the two are
+               used swapped, per channel, and their gradients follow them:
+               the same as quantizing with torch.minimum(lower, upper) and
+               torch.maximum(lower, upper), except that tied bounds are not
+               split (lower gets the gradient of the lower bound).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -31,7 +42,9 @@ def _as_tensor(value, x: Tensor, name: str) -> Tensor:
     raise TypeError(f"{name} must be a Tensor or a real number, got {type(value).__name__}")
 
 
-def dsq_quantize(x: Tensor, lower, upper, alpha, bits: int) -> Tensor:
+def dsq_quantize(
+    x: Tensor, lower, upper, alpha, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
+) -> Tensor:
     """DSQ fake quantization: the hard b-bit value of x in [lower, upper], DSQ's soft-staircase gradients."""
     return _ops.dsq_quantize(
         x,
@@ -39,24 +52,33 @@ def dsq_quantize(x: Tensor, lower, upper, alpha, bits: int) -> Tensor:
         _as_tensor(upper, x, "upper"),
         _as_tensor(alpha, x, "alpha"),
         _check_bits(bits),
+        _check_grad_scale(grad_scale),
+        _check_flag(sort_bounds, "sort_bounds"),
     )
 
 
-def uniform_quantize(x: Tensor, lower, upper, bits: int) -> Tensor:
+def uniform_quantize(
+    x: Tensor, lower, upper, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
+) -> Tensor:
     """Uniform fake quantization with a straight-through estimator; learnable lower and upper."""
     return _ops.uniform_quantize(
-        x, _as_tensor(lower, x, "lower"), _as_tensor(upper, x, "upper"), _check_bits(bits)
+        x,
+        _as_tensor(lower, x, "lower"),
+        _as_tensor(upper, x, "upper"),
+        _check_bits(bits),
+        _check_grad_scale(grad_scale),
+        _check_flag(sort_bounds, "sort_bounds"),
     )
 
 
-def dsq_quantize_backward(grad, x, lower, upper, alpha, bits: int):
+def dsq_quantize_backward(grad, x, lower, upper, alpha, bits: int, grad_scale=1.0, sort_bounds=False):
     """The fused backward of dsq_quantize: (grad_x, grad_lower, grad_upper, grad_alpha)."""
-    return _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, bits)
+    return _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, bits, grad_scale, sort_bounds)
 
 
-def uniform_quantize_backward(grad, x, lower, upper, bits: int):
+def uniform_quantize_backward(grad, x, lower, upper, bits: int, grad_scale=1.0, sort_bounds=False):
     """The fused backward of uniform_quantize: (grad_x, grad_lower, grad_upper)."""
-    return _ops.uniform_quantize_backward(grad, x, lower, upper, bits)
+    return _ops.uniform_quantize_backward(grad, x, lower, upper, bits, grad_scale, sort_bounds)
 
 
 def _check_bits(bits) -> int:
@@ -69,6 +91,20 @@ def _check_bits(bits) -> int:
     return int(bits)
 
 
+def _check_grad_scale(grad_scale) -> float:
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number, got {grad_scale!r}")
+    if not (math.isfinite(grad_scale) and grad_scale >= 0):
+        raise ValueError(f"grad_scale must be a finite number >= 0, got {grad_scale}")
+    return float(grad_scale)
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------
 # Fake kernels: shapes, dtypes and strides only, the same rules as csrc/checks.h.
 
@@ -76,13 +112,17 @@ def _check_bits(bits) -> int:
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check(op: str, x: Tensor, bits: int, grad: Tensor | None = None, **params: Tensor) -> None:
+def _check(
+    op: str, x: Tensor, bits: int, grad_scale: float, grad: Tensor | None = None, **params: Tensor
+) -> None:
     # The checks of csrc/checks.h, so that tracing (and a meta tensor, which the
     # dispatcher would send here) fails with the same message as the kernels.
     if x.dtype not in _FLOATS:
         raise RuntimeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if not 1 <= bits <= 8:
         raise RuntimeError(f"{op}: bits must be in 1..8, got {bits}")
+    if not (math.isfinite(grad_scale) and grad_scale >= 0):
+        raise RuntimeError(f"{op}: grad_scale must be a finite number >= 0, got {grad_scale}")
     for name, p in params.items():
         if p.dtype not in _FLOATS:
             raise RuntimeError(
@@ -109,20 +149,20 @@ def _out_like(x: Tensor, *params: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("dsq_ext::dsq_quantize")
-def _(x, lower, upper, alpha, bits):
-    _check("dsq_quantize", x, bits, lower=lower, upper=upper, alpha=alpha)
+def _(x, lower, upper, alpha, bits, grad_scale=1.0, sort_bounds=False):
+    _check("dsq_quantize", x, bits, grad_scale, lower=lower, upper=upper, alpha=alpha)
     return _out_like(x, lower, upper, alpha)
 
 
 @torch.library.register_fake("dsq_ext::uniform_quantize")
-def _(x, lower, upper, bits):
-    _check("uniform_quantize", x, bits, lower=lower, upper=upper)
+def _(x, lower, upper, bits, grad_scale=1.0, sort_bounds=False):
+    _check("uniform_quantize", x, bits, grad_scale, lower=lower, upper=upper)
     return _out_like(x, lower, upper)
 
 
 @torch.library.register_fake("dsq_ext::dsq_quantize_backward")
-def _(grad, x, lower, upper, alpha, bits):
-    _check("dsq_quantize_backward", x, bits, grad, lower=lower, upper=upper, alpha=alpha)
+def _(grad, x, lower, upper, alpha, bits, grad_scale=1.0, sort_bounds=False):
+    _check("dsq_quantize_backward", x, bits, grad_scale, grad, lower=lower, upper=upper, alpha=alpha)
     return (
         _out_like(x, lower, upper, alpha),
         torch.empty_like(lower),
@@ -132,8 +172,8 @@ def _(grad, x, lower, upper, alpha, bits):
 
 
 @torch.library.register_fake("dsq_ext::uniform_quantize_backward")
-def _(grad, x, lower, upper, bits):
-    _check("uniform_quantize_backward", x, bits, grad, lower=lower, upper=upper)
+def _(grad, x, lower, upper, bits, grad_scale=1.0, sort_bounds=False):
+    _check("uniform_quantize_backward", x, bits, grad_scale, grad, lower=lower, upper=upper)
     return _out_like(x, lower, upper), torch.empty_like(lower), torch.empty_like(upper)
 
 
@@ -146,15 +186,22 @@ def _(x):
 # Autograd: only x (and the tiny parameters) are saved, never an intermediate.
 
 
+# inputs may stop at bits: the schema's defaults fill in what a caller left out.
+def _options(inputs, first: int) -> tuple[float, bool]:
+    rest = list(inputs[first:]) + [1.0, False][len(inputs) - first :]
+    return rest[0], rest[1]
+
+
 def _dsq_setup_context(ctx, inputs, output):
-    x, lower, upper, alpha, bits = inputs
+    x, lower, upper, alpha, bits = inputs[:5]
     ctx.save_for_backward(x, lower, upper, alpha)
     ctx.bits = bits
+    ctx.options = _options(inputs, 5)
 
 
 def _dsq_backward(ctx, grad):
     x, lower, upper, alpha = ctx.saved_tensors
-    gx, gl, gu, ga = _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, ctx.bits)
+    gx, gl, gu, ga = _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, ctx.bits, *ctx.options)
     need = ctx.needs_input_grad
     return (
         gx if need[0] else None,
@@ -162,20 +209,23 @@ def _dsq_backward(ctx, grad):
         gu if need[2] else None,
         ga if need[3] else None,
         None,
+        None,
+        None,
     )
 
 
 def _uniform_setup_context(ctx, inputs, output):
-    x, lower, upper, bits = inputs
+    x, lower, upper, bits = inputs[:4]
     ctx.save_for_backward(x, lower, upper)
     ctx.bits = bits
+    ctx.options = _options(inputs, 4)
 
 
 def _uniform_backward(ctx, grad):
     x, lower, upper = ctx.saved_tensors
-    gx, gl, gu = _ops.uniform_quantize_backward(grad, x, lower, upper, ctx.bits)
+    gx, gl, gu = _ops.uniform_quantize_backward(grad, x, lower, upper, ctx.bits, *ctx.options)
     need = ctx.needs_input_grad
-    return gx if need[0] else None, gl if need[1] else None, gu if need[2] else None, None
+    return gx if need[0] else None, gl if need[1] else None, gu if need[2] else None, None, None, None
 
 
 torch.library.register_autograd("dsq_ext::dsq_quantize", _dsq_backward, setup_context=_dsq_setup_context)

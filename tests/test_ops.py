@@ -414,6 +414,78 @@ def test_float64_params_with_float32_x(mode):
 
 
 # ---------------------------------------------------------------------------
+# The layers' options: grad_scale and sort_bounds
+
+
+def options_grads(mode, x, lower, upper, alpha, bits, g, **options):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper, alpha)]
+    if mode == "dsq":
+        y = dsq_quantize(*leaves, bits, **options)
+    else:
+        y = uniform_quantize(*leaves[:3], bits, **options)
+        leaves = leaves[:3]
+    return (y.detach(), *torch.autograd.grad(y, leaves, g))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grad_scale_scales_parameter_gradients_only(device, mode, per_channel):
+    x, lower, upper, a = make_case((5, 3, 40), 3, per_channel, torch.float32, device)
+    g = torch.randn_like(x)
+    base = options_grads(mode, x, lower, upper, a, 3, g)
+    scaled = options_grads(mode, x, lower, upper, a, 3, g, grad_scale=0.0123)
+    assert torch.equal(scaled[0], base[0]) and torch.equal(scaled[1], base[1])
+    for b, t in zip(base[2:], scaled[2:]):
+        assert (b != 0).all()
+        # The double sums are scaled, then rounded once to float32.
+        torch.testing.assert_close(t, b * 0.0123, rtol=3e-7, atol=0)
+    zero = options_grads(mode, x, lower, upper, a, 3, g, grad_scale=0.0)
+    assert torch.equal(zero[1], base[1]) and all((t == 0).all() for t in zero[2:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["per_tensor", "per_channel", "mixed"])
+def test_sort_bounds_equals_quantizing_with_min_and_max(device, mode, layout):
+    x, lower, upper, a = make_case((5, 3, 40), 3, layout != "per_tensor", torch.float32, device)
+    if layout == "per_tensor":
+        lower, upper = upper, lower  # crossed
+    else:
+        crossed = torch.tensor([False, True, False, True, False], device=device)
+        lower, upper = torch.where(crossed, upper, lower), torch.where(crossed, lower, upper)
+        if layout == "mixed":
+            lower = torch.tensor(0.0, device=device)  # above some uppers, below the others
+    g = torch.randn_like(x)
+    got = options_grads(mode, x, lower, upper, a, 3, g, sort_bounds=True)
+    # The reference: what the layers did before the option existed (no ties here).
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper, a)]
+    lo, hi = torch.minimum(leaves[1], leaves[2]), torch.maximum(leaves[1], leaves[2])
+    y = quantize(mode, leaves[0], lo, hi, leaves[3], 3)
+    want = (y.detach(), *torch.autograd.grad(y, leaves if mode == "dsq" else leaves[:3], g))
+    for name, w, t in zip(("y", "x", "lower", "upper", "alpha"), want, got):
+        assert w.shape == t.shape, name
+        # Exact, except where the reference adds float32 per-channel sums into a
+        # per-tensor parameter's gradient that the kernels add up in double.
+        tol = 2e-6 if layout == "mixed" and w.numel() == 1 else 0
+        torch.testing.assert_close(t, w, atol=0, rtol=tol, msg=name)
+    # Without the option, a crossed channel is degenerate: every output is its lower.
+    plain = options_grads(mode, x, lower, upper, a, 3, g)[0]
+    assert not torch.equal(plain, got[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sort_bounds_leaves_tied_bounds_alone(device, mode):
+    x = torch.linspace(-1, 1, 41, device=device)
+    bound = torch.tensor(0.25, device=device)
+    g = torch.ones_like(x)
+    a = torch.tensor(0.2, device=device)
+    for got, want in zip(
+        options_grads(mode, x, bound, bound, a, 2, g, sort_bounds=True),
+        options_grads(mode, x, bound, bound, a, 2, g),
+    ):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------
 # Determinism
 
 
@@ -475,6 +547,10 @@ def test_opcheck(device):
         d = [t.detach() for t in (x, lower, upper, a)]
         torch.library.opcheck(ops.dsq_quantize_backward.default, (g, *d, 4))
         torch.library.opcheck(ops.uniform_quantize_backward.default, (g, *d[:3], 4))
+        torch.library.opcheck(ops.dsq_quantize.default, (x, upper, lower, a, 4, 0.5, True))
+        torch.library.opcheck(ops.uniform_quantize.default, (x, upper, lower, 4, 0.5, True))
+        torch.library.opcheck(ops.dsq_quantize_backward.default, (g, *d, 4, 0.5, True))
+        torch.library.opcheck(ops.uniform_quantize_backward.default, (g, *d[:3], 4, 0.5, True))
     if device == "cpu":
         torch.library.opcheck(ops._fast_tanh.default, (torch.randn(10),))
 
@@ -552,6 +628,29 @@ def test_bad_input_raw_ops(raw):
         ops.uniform_quantize_backward(torch.ones(4, 3, dtype=torch.long), x, lower, upper, 4)
     with pytest.raises(RuntimeError, match=r"lower is on meta but x is on cpu"):
         ops.uniform_quantize(x, lower.to("meta"), upper, 4)
+    with pytest.raises(RuntimeError, match=r"dsq_quantize_backward: grad_scale must be .* >= 0, got -1"):
+        ops.dsq_quantize_backward(torch.ones(4, 3), x, lower, upper, a, 4, -1.0)
+    with pytest.raises(RuntimeError, match=r"uniform_quantize: grad_scale must be .* >= 0, got inf"):
+        ops.uniform_quantize(x, lower, upper, 4, float("inf"))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(grad_scale=float("nan")), ValueError, r"grad_scale must be a finite number >= 0, got nan"),
+        (dict(grad_scale=-0.5), ValueError, r"grad_scale must be a finite number >= 0, got -0.5"),
+        (dict(grad_scale="1"), TypeError, r"grad_scale must be a real number, got '1'"),
+        (dict(sort_bounds=1), TypeError, r"sort_bounds must be a bool, got 1"),
+    ],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_options(mode, options, error, match):
+    x, lower, upper, a = good_args()
+    with pytest.raises(error, match=match):
+        if mode == "dsq":
+            dsq_quantize(x, lower, upper, a, 4, **options)
+        else:
+            uniform_quantize(x, lower, upper, 4, **options)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -112,6 +112,7 @@ struct Params {
     const T* upper;
     const T* alpha;  // NULL in the uniform mode
     int64_t ls, us, as;
+    bool sort;  // sort_bounds
 };
 
 // Chunk t: its channel and where its elements are.
@@ -129,11 +130,19 @@ __device__ __forceinline__ Chunk chunk_of(int64_t t, int64_t inner, int64_t per_
     return {c, c * inner + off, rest < Sizes<S>::kChunk ? int(rest) : Sizes<S>::kChunk};
 }
 
+// Channel c's coefficients; *swapped tells whether sort_bounds swapped its bounds.
 template <typename T>
 __device__ __forceinline__ typename Math<T>::Coef make_coef(const Params<T>& p, int64_t c,
-                                                            int bits) {
+                                                            int bits, bool* swapped) {
     const T a = p.alpha ? p.alpha[c * p.as] : T(DSQ_ALPHA_MAX);
-    return Math<T>::make(p.lower[c * p.ls], p.upper[c * p.us], a, bits);
+    T l = p.lower[c * p.ls], u = p.upper[c * p.us];
+    *swapped = p.sort && u < l;
+    if (*swapped) {
+        const T t = l;
+        l = u;
+        u = t;
+    }
+    return Math<T>::make(l, u, a, bits);
 }
 
 // Both kernels loop over chunks (grid-stride), so the per-channel coefficients
@@ -152,7 +161,8 @@ __global__ void __launch_bounds__(kBlock)
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
         const Chunk ck = chunk_of<S>(t, inner, per_channel);
         if (ck.channel != cur) {
-            k = make_coef<T>(p, ck.channel, bits);
+            bool swapped;
+            k = make_coef<T>(p, ck.channel, bits, &swapped);
             cur = ck.channel;
         }
         const S* xs = x + ck.start;
@@ -238,11 +248,12 @@ __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
     typedef typename Storage<S>::T T;
     constexpr int V = Sizes<S>::kVec;
     typename Math<T>::Coef k;
+    bool swapped = false;
     int64_t cur = -1;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
         const Chunk ck = chunk_of<S>(t, inner, per_channel);
         if (ck.channel != cur) {
-            k = make_coef<T>(p, ck.channel, bits);
+            k = make_coef<T>(p, ck.channel, bits, &swapped);
             cur = ck.channel;
         }
         const S* xs = x + ck.start;
@@ -284,8 +295,9 @@ __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
         double s[3] = {double(sl), double(su), double(sa)};
         block_sum3(s);
         if (threadIdx.x == 0) {
-            partials[3 * t + 0] = s[0];
-            partials[3 * t + 1] = s[1];
+            // Slot 0 is always the parameter `lower`: a swapped lower was used as the upper.
+            partials[3 * t + 0] = swapped ? s[1] : s[0];
+            partials[3 * t + 1] = swapped ? s[0] : s[1];
             partials[3 * t + 2] = s[2];
         }
     }
@@ -312,7 +324,7 @@ __device__ __forceinline__ void store_grad(const dsq_cuda_grad& g, int64_t i, do
 // the per-tensor gradients (a per-tensor parameter next to per-channel ones).
 __global__ void __launch_bounds__(kBlock)
     reduce_kernel(const double* __restrict__ partials, int64_t per_channel, int64_t chunks,
-                  int64_t pc_blocks, int64_t out_blocks, Grads grads) {
+                  int64_t pc_blocks, int64_t out_blocks, double scale, Grads grads) {
     for (int64_t b = blockIdx.x; b < out_blocks; b += gridDim.x) {
         const bool pc = b < pc_blocks;
         const int64_t begin = pc ? b * per_channel : 0;
@@ -327,7 +339,8 @@ __global__ void __launch_bounds__(kBlock)
         if (threadIdx.x == 0) {
             for (int i = 0; i < 3; ++i) {
                 const dsq_cuda_grad& g = grads.g[i];
-                if (g.p != nullptr && (g.per_channel != 0) == pc) store_grad(g, pc ? b : 0, s[i]);
+                if (g.p != nullptr && (g.per_channel != 0) == pc)
+                    store_grad(g, pc ? b : 0, s[i] * scale);
             }
         }
     }
@@ -365,14 +378,14 @@ bool aligned(int64_t channels, int64_t inner, const void* a, const void* b, cons
 }
 
 template <typename T>
-Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a) {
+Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a, int sort) {
     return {static_cast<const T*>(l.p), static_cast<const T*>(u.p), static_cast<const T*>(a.p),
-            l.stride, u.stride, a.stride};
+            l.stride, u.stride, a.stride, sort != 0};
 }
 
 template <typename S>
 void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
-             dsq_cuda_param upper, int bits, cudaStream_t stream) {
+             dsq_cuda_param upper, int bits, int sort, cudaStream_t stream) {
     typedef typename Storage<S>::T T;
     const int64_t per_channel = chunks_per_channel<S>(inner);
     const int64_t chunks = channels * per_channel;
@@ -382,14 +395,14 @@ void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_p
     const int grid = grid_size(per_sm, chunks);
     forward_kernel<S><<<grid, kBlock, 0, stream>>>(
         static_cast<const S*>(x), static_cast<S*>(y), inner, per_channel, chunks,
-        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}), bits,
+        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort), bits,
         aligned<S>(channels, inner, x, y, y));
 }
 
 template <typename S, int MODE>
 void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
               dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
-              double* partials, const Grads& grads, cudaStream_t stream) {
+              int sort, double scale, double* partials, const Grads& grads, cudaStream_t stream) {
     typedef typename Storage<S>::T T;
     const int64_t per_channel = chunks_per_channel<S>(inner);
     const int64_t chunks = channels * per_channel;
@@ -398,7 +411,7 @@ void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t 
     const int grid = grid_size(per_sm, chunks);
     backward_kernel<S, MODE><<<grid, kBlock, 0, stream>>>(
         static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(dx), inner,
-        per_channel, chunks, params<T>(lower, upper, alpha), bits,
+        per_channel, chunks, params<T>(lower, upper, alpha, sort), bits,
         aligned<S>(channels, inner, g, x, dx), partials);
 
     bool any_pc = false, any_pt = false;
@@ -413,30 +426,30 @@ void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t 
     static const int reduce_per_sm = blocks_per_sm(reduce_kernel);
     const int reduce_grid = grid_size(reduce_per_sm, out_blocks);
     reduce_kernel<<<reduce_grid, kBlock, 0, stream>>>(partials, per_channel, chunks,
-                                                      pc_blocks, out_blocks, grads);
+                                                      pc_blocks, out_blocks, scale, grads);
 }
 
 template <int MODE>
 void backward_mode(int dtype, const void* g, const void* x, void* dx, int64_t channels,
                    int64_t inner, dsq_cuda_param lower, dsq_cuda_param upper,
-                   dsq_cuda_param alpha, int bits, double* partials, const Grads& grads,
-                   cudaStream_t stream) {
+                   dsq_cuda_param alpha, int bits, int sort, double scale, double* partials,
+                   const Grads& grads, cudaStream_t stream) {
     switch (dtype) {
         case DSQ_CUDA_F32:
-            backward<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits, partials,
-                                  grads, stream);
+            backward<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits, sort,
+                                  scale, partials, grads, stream);
             break;
         case DSQ_CUDA_F64:
             backward<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                   partials, grads, stream);
+                                   sort, scale, partials, grads, stream);
             break;
         case DSQ_CUDA_F16:
             backward<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                   partials, grads, stream);
+                                   sort, scale, partials, grads, stream);
             break;
         case DSQ_CUDA_BF16:
             backward<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                          partials, grads, stream);
+                                          sort, scale, partials, grads, stream);
             break;
     }
 }
@@ -456,35 +469,36 @@ int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner) {
 }
 
 void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64_t inner,
-                      dsq_cuda_param lower, dsq_cuda_param upper, int bits, cudaStream_t stream) {
+                      dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
+                      cudaStream_t stream) {
     switch (dtype) {
         case DSQ_CUDA_F32:
-            forward<float>(x, y, channels, inner, lower, upper, bits, stream);
+            forward<float>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
             break;
         case DSQ_CUDA_F64:
-            forward<double>(x, y, channels, inner, lower, upper, bits, stream);
+            forward<double>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
             break;
         case DSQ_CUDA_F16:
-            forward<__half>(x, y, channels, inner, lower, upper, bits, stream);
+            forward<__half>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
             break;
         case DSQ_CUDA_BF16:
-            forward<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, stream);
+            forward<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
             break;
     }
 }
 
 void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* dx,
                        int64_t channels, int64_t inner, dsq_cuda_param lower,
-                       dsq_cuda_param upper, dsq_cuda_param alpha, int bits, double* partials,
-                       dsq_cuda_grad grad_lower, dsq_cuda_grad grad_upper,
-                       dsq_cuda_grad grad_alpha, cudaStream_t stream) {
+                       dsq_cuda_param upper, dsq_cuda_param alpha, int bits, int sort_bounds,
+                       double grad_scale, double* partials, dsq_cuda_grad grad_lower,
+                       dsq_cuda_grad grad_upper, dsq_cuda_grad grad_alpha, cudaStream_t stream) {
     const Grads grads = {{grad_lower, grad_upper, grad_alpha}};
     if (mode == DSQ_MODE_DSQ)
         backward_mode<DSQ_MODE_DSQ>(dtype, g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                    partials, grads, stream);
+                                    sort_bounds, grad_scale, partials, grads, stream);
     else
         backward_mode<DSQ_MODE_UNIFORM>(dtype, g, x, dx, channels, inner, lower, upper, alpha,
-                                        bits, partials, grads, stream);
+                                        bits, sort_bounds, grad_scale, partials, grads, stream);
 }
 
 }  // extern "C"

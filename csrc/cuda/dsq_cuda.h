@@ -41,20 +41,24 @@ typedef struct {
 /* Number of chunks the backward splits x into; its partials buffer holds 3 doubles per chunk. */
 int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner);
 
-/* y = l + Delta * round_half_up((clip(x, l, u) - l) / Delta); the same for DSQ and uniform. */
+/* y = l + Delta * round_half_up((clip(x, l, u) - l) / Delta); the same for DSQ and uniform.
+ * sort_bounds: a channel whose upper is below its lower uses them swapped (checks.h, Options). */
 void dsq_cuda_forward(int dtype, const void *x, void *y, int64_t channels, int64_t inner,
-                      dsq_cuda_param lower, dsq_cuda_param upper, int bits, cudaStream_t stream);
+                      dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
+                      cudaStream_t stream);
 
 /*
  * One fused pass over (x, g): writes dx = g * dy/dx and the per-chunk sums of
  * g * dy/d{lower, upper, alpha} into partials (3 * dsq_cuda_chunks() doubles),
  * then a second kernel adds them up, per channel, in chunk order, into the
- * three gradients. mode is DSQ_MODE_DSQ or DSQ_MODE_UNIFORM (dsq_math.h); in the
- * uniform mode alpha.p and grad_alpha.p may be NULL.
+ * three gradients, each multiplied by grad_scale. mode is DSQ_MODE_DSQ or
+ * DSQ_MODE_UNIFORM (dsq_math.h); in the uniform mode alpha.p and grad_alpha.p
+ * may be NULL. sort_bounds as for the forward; the gradients follow the swap.
  */
 void dsq_cuda_backward(int dtype, int mode, const void *g, const void *x, void *dx,
                        int64_t channels, int64_t inner, dsq_cuda_param lower,
-                       dsq_cuda_param upper, dsq_cuda_param alpha, int bits, double *partials,
+                       dsq_cuda_param upper, dsq_cuda_param alpha, int bits, int sort_bounds,
+                       double grad_scale, double *partials,
                        dsq_cuda_grad grad_lower, dsq_cuda_grad grad_upper,
                        dsq_cuda_grad grad_alpha, cudaStream_t stream);
 

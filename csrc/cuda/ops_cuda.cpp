@@ -32,7 +32,7 @@ int cuda_dtype(at::ScalarType t) {
         case at::kDouble: return DSQ_CUDA_F64;
         case at::kHalf: return DSQ_CUDA_F16;
         case at::kBFloat16: return DSQ_CUDA_BF16;
-        default: TORCH_CHECK(false, "dsq_ext: unsupported dtype ", t);
+        default: TORCH_CHECK(false, "dsq_ext: unsupported dtype ", dtype_name(t));
     }
 }
 
@@ -73,8 +73,9 @@ struct Grad {
 };
 
 at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& lower,
-                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits);
+                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
+                        const Options& opt) {
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
@@ -82,7 +83,7 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& l
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
     dsq_cuda_forward(cuda_dtype(x.scalar_type()), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                     s.channels, s.inner, lo.arg, up.arg, int(bits),
+                     s.channels, s.inner, lo.arg, up.arg, int(bits), opt.sort_bounds,
                      c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return lay.out;
@@ -91,8 +92,9 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& l
 // alpha is null in the uniform mode, which has no alpha and returns no grad for it.
 std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, const at::Tensor& x,
                                       const at::Tensor& lower, const at::Tensor& upper,
-                                      const at::Tensor* alpha, int64_t bits, int mode) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits);
+                                      const at::Tensor* alpha, int64_t bits, int mode,
+                                      const Options& opt) {
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) {
@@ -117,8 +119,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
                                           x.options().dtype(at::kDouble));
     dsq_cuda_backward(dtype, mode, g.const_data_ptr(), lay.x.const_data_ptr(), lay.out.data_ptr(),
                       s.channels, s.inner, lo.arg, up.arg,
-                      al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits),
-                      partials.data_ptr<double>(), gl.arg, gu.arg,
+                      al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits), opt.sort_bounds,
+                      opt.grad_scale, partials.data_ptr<double>(), gl.arg, gu.arg,
                       ga ? ga->arg : dsq_cuda_grad{nullptr, DSQ_CUDA_F32, 0},
                       c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -128,28 +130,31 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
 }
 
 at::Tensor dsq_quantize_cuda(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-                             const at::Tensor& alpha, int64_t bits) {
-    return forward_cuda("dsq_quantize", x, lower, upper, &alpha, bits);
+                             const at::Tensor& alpha, int64_t bits, double grad_scale,
+                             bool sort_bounds) {
+    return forward_cuda("dsq_quantize", x, lower, upper, &alpha, bits, {grad_scale, sort_bounds});
 }
 
 at::Tensor uniform_quantize_cuda(const at::Tensor& x, const at::Tensor& lower,
-                                 const at::Tensor& upper, int64_t bits) {
-    return forward_cuda("uniform_quantize", x, lower, upper, nullptr, bits);
+                                 const at::Tensor& upper, int64_t bits, double grad_scale,
+                                 bool sort_bounds) {
+    return forward_cuda("uniform_quantize", x, lower, upper, nullptr, bits,
+                        {grad_scale, sort_bounds});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-    const at::Tensor& alpha, int64_t bits) {
+    const at::Tensor& alpha, int64_t bits, double grad_scale, bool sort_bounds) {
     auto r = backward_cuda("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
-                           DSQ_MODE_DSQ);
+                           DSQ_MODE_DSQ, {grad_scale, sort_bounds});
     return {r[0], r[1], r[2], r[3]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-    const at::Tensor& upper, int64_t bits) {
+    const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds) {
     auto r = backward_cuda("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
-                           DSQ_MODE_UNIFORM);
+                           DSQ_MODE_UNIFORM, {grad_scale, sort_bounds});
     return {r[0], r[1], r[2]};
 }
 
