@@ -39,13 +39,22 @@ def _per_channel_view(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
-def dsq_composite(x: torch.Tensor, lower, upper, alpha, bits: int) -> torch.Tensor:
+def dsq_composite(
+    x: torch.Tensor, lower, upper, alpha, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
+) -> torch.Tensor:
     """DSQ forward in torch ops; sign() passes its gradient straight through.
 
     Same values and (up to the alpha clamp, which here ignores the k <= 1000
     bound) the same gradients as dsq_ext.dsq_quantize, but every intermediate
-    that autograd needs is kept for backward.
+    that autograd needs is kept for backward. The options are torch ops too.
     """
+    if sort_bounds:
+        lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
+    if grad_scale != 1.0:
+        # value unchanged, gradient times grad_scale
+        lower, upper, alpha = (
+            t.detach() + (t * grad_scale - (t * grad_scale).detach()) for t in (lower, upper, alpha)
+        )
     n = 2**bits - 1
     l = _per_channel_view(lower, x).to(x.dtype)
     u = _per_channel_view(upper, x).to(x.dtype)
