@@ -116,6 +116,7 @@ def _checked(kind, ok, message):
 
 _bits = _checked(int, lambda b: 1 <= b <= 8, "bit width must be an integer in 1..8")
 _alpha = _checked(float, lambda a: 0.0 < a <= 0.5, "DSQ's alpha must be in (0, 0.5]")
+_percentile = _checked(float, lambda p: 50.0 < p <= 100.0, "a percentile in (50, 100]")
 _positive = _checked(int, lambda n: n >= 1, "expected a positive integer")
 
 
@@ -147,6 +148,9 @@ quant.add_argument('--bounds', default=None, choices=('learned', 'ema'),
                         'the min/max seen in training (default: learned)')
 quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
                    help="DSQ's initial alpha, in (0, 0.5] (default: 0.2)")
+quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
+                   help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
+                        'batch instead of its min and max (default: min/max)')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -673,8 +677,8 @@ def accuracy(output, target, topk=(1,)):
 # --- dsq_ext: helpers for the fenced additions above ------------------------------
 # (written in the repository's style: ruff would format them as they are)
 
-# The fields of quant_config that must match to resume; alpha_init only matters
-# before the first step, so a resumed run may name another.
+# The fields of quant_config that must match to resume; alpha_init and
+# act_percentile only matter before the first step, so a resumed run may name others.
 _RESUME_KEYS = ("method", "w_bits", "a_bits", "per_channel", "quantize_first_last", "bounds")
 
 
@@ -690,6 +694,7 @@ def check_args(args):
             ("--quantize-first-last", args.quantize_first_last),
             ("--bounds", args.bounds),
             ("--alpha-init", args.alpha_init),
+            ("--act-percentile", args.act_percentile),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:
@@ -707,6 +712,8 @@ def check_args(args):
         args.quantize_input = args.a_bits is not None
         args.bounds = args.bounds or "learned"
         args.alpha_init = 0.2 if args.alpha_init is None else args.alpha_init
+        if args.act_percentile is not None and args.a_bits is None:
+            parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
 
     if args.pretrained:
         if args.init_from:
@@ -784,6 +791,7 @@ def quant_config(args):
         "quantize_first_last": args.quantize_first_last,
         "bounds": args.bounds,
         "alpha_init": args.alpha_init,
+        "act_percentile": args.act_percentile,
     }
 
 
@@ -798,6 +806,7 @@ def quantize_kwargs(args):
         skip_last=not cfg["quantize_first_last"],
         bounds=cfg["bounds"],
         alpha_init=cfg["alpha_init"],
+        act_percentile=cfg.get("act_percentile"),
     )
 
 
@@ -813,6 +822,8 @@ def describe_config(cfg):
     flags += ["--per-channel"] * bool(cfg.get("per_channel"))
     flags += ["--quantize-first-last"] * bool(cfg.get("quantize_first_last"))
     flags += ["--bounds", str(cfg.get("bounds"))]
+    if cfg.get("act_percentile") is not None:
+        flags += ["--act-percentile", f"{cfg['act_percentile']:g}"]
     return " ".join(flags)
 
 

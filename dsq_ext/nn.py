@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 METHODS = ("dsq", "uniform")
+# Elements per row that Quantizer(percentile=...) reads to set bounds (see _percentile_range).
+PERCENTILE_SAMPLE = 1 << 20
 BOUNDS = ("learned", "ema")
 
 
@@ -75,6 +77,7 @@ class Quantizer(nn.Module):
         momentum: float = 0.1,
         grad_scale: bool = True,
         is_activation: bool = False,
+        percentile: float | None = None,
         device=None,
         dtype=None,
     ):
@@ -90,6 +93,12 @@ class Quantizer(nn.Module):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         if channels is not None and is_activation:
             raise ValueError("activations are quantized per tensor (channels=None)")
+        if percentile is not None and not (
+            isinstance(percentile, (int, float))
+            and not isinstance(percentile, bool)
+            and 50.0 < percentile <= 100.0
+        ):
+            raise ValueError(f"percentile must be a number in (50, 100] or None, got {percentile!r}")
         self.bits = bits
         self.method = method
         self.channels = channels
@@ -97,6 +106,7 @@ class Quantizer(nn.Module):
         self.momentum = momentum
         self.grad_scale = grad_scale
         self.is_activation = is_activation
+        self.percentile = None if percentile is None else float(percentile)
         kw = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
         shape = (channels,) if channels is not None else ()
         lower, upper = torch.zeros(shape, **kw), torch.ones(shape, **kw)
@@ -116,7 +126,8 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         per = f"per_channel({self.channels})" if self.channels is not None else "per_tensor"
-        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}"
+        pct = f", percentile={self.percentile:g}" if self.percentile is not None else ""
+        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -124,7 +135,9 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.channels is not None:
+        if self.percentile is not None:
+            lo, hi = self._percentile_range(x.detach())
+        elif self.channels is not None:
             flat = x.detach().reshape(x.shape[0], -1)
             lo, hi = flat.amin(1), flat.amax(1)
         else:
@@ -134,6 +147,19 @@ class Quantizer(nn.Module):
             # Every rank must start from, and track, the same bounds.
             _all_reduce_(lo, dist.ReduceOp.MIN)
             _all_reduce_(hi, dist.ReduceOp.MAX)
+        return lo, hi
+
+    def _percentile_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # The (100 - p)-th and p-th percentiles, per channel when the bounds are.
+        # torch.quantile accepts at most 2**24 elements and sorts them all: a large
+        # tensor is read at an even stride, at most PERCENTILE_SAMPLE elements per row.
+        flat = x.reshape(x.shape[0], -1) if self.channels is not None else x.reshape(1, -1)
+        step = -(-flat.shape[1] // PERCENTILE_SAMPLE)
+        flat = flat[:, ::step].float()
+        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], device=x.device)
+        lo, hi = torch.quantile(flat, q, dim=1)
+        if self.channels is None:
+            lo, hi = lo[0], hi[0]
         return lo, hi
 
     @torch.no_grad()
@@ -195,7 +221,17 @@ class _QuantMixin:
     _FLOAT: type[nn.Module]
 
     def _init_quantizers(
-        self, method, w_bits, a_bits, per_channel, alpha_init, bounds, momentum, grad_scale, device
+        self,
+        method,
+        w_bits,
+        a_bits,
+        per_channel,
+        alpha_init,
+        bounds,
+        momentum,
+        grad_scale,
+        act_percentile,
+        device,
     ):
         _check_bits("w_bits", w_bits, allow_none=True)
         _check_bits("a_bits", a_bits, allow_none=True)
@@ -212,7 +248,11 @@ class _QuantMixin:
             if w_bits is not None
             else None
         )
-        self.act_quantizer = Quantizer(a_bits, is_activation=True, **common) if a_bits is not None else None
+        self.act_quantizer = (
+            Quantizer(a_bits, is_activation=True, percentile=act_percentile, **common)
+            if a_bits is not None
+            else None
+        )
         self.method, self.w_bits, self.a_bits, self.per_channel = method, w_bits, a_bits, per_channel
 
     def quantized_weight(self) -> Tensor:
@@ -282,13 +322,23 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         bounds: str = "learned",
         momentum: float = 0.1,
         grad_scale: bool = True,
+        act_percentile: float | None = None,
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
         )  # fmt: skip
         self._init_quantizers(
-            method, w_bits, a_bits, per_channel, alpha_init, bounds, momentum, grad_scale, device
+            method,
+            w_bits,
+            a_bits,
+            per_channel,
+            alpha_init,
+            bounds,
+            momentum,
+            grad_scale,
+            act_percentile,
+            device,
         )
 
     @staticmethod
@@ -330,10 +380,20 @@ class DSQLinear(_QuantMixin, nn.Linear):
         bounds: str = "learned",
         momentum: float = 0.1,
         grad_scale: bool = True,
+        act_percentile: float | None = None,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_quantizers(
-            method, w_bits, a_bits, per_channel, alpha_init, bounds, momentum, grad_scale, device
+            method,
+            w_bits,
+            a_bits,
+            per_channel,
+            alpha_init,
+            bounds,
+            momentum,
+            grad_scale,
+            act_percentile,
+            device,
         )
 
     @staticmethod

@@ -265,6 +265,49 @@ def test_crossed_learned_bounds_swap_roles():
     assert wq.lower.grad[0] != 0 and wq.upper.grad[0] != 0 and (layer.weight.grad[0] != 0).any()
 
 
+def test_percentile_bounds():
+    x = torch.randn(4, 8, 6, 6)
+    q = Quantizer(2, is_activation=True, percentile=99.0)
+    q(x)
+    want = torch.quantile(x.flatten(), torch.tensor([0.01, 0.99]))
+    torch.testing.assert_close(torch.stack([q.lower.detach(), q.upper.detach()]), want)
+    assert "percentile=99" in repr(q)
+    # Per channel (weights): one pair per row.
+    w = torch.randn(16, 8, 3, 3)
+    qw = Quantizer(4, channels=16, percentile=99.5)
+    qw(w)
+    torch.testing.assert_close(qw.upper.detach(), torch.quantile(w.flatten(1), 0.995, dim=1))
+    torch.testing.assert_close(qw.lower.detach(), torch.quantile(w.flatten(1), 0.005, dim=1))
+    # percentile=100 is min/max.
+    q100 = Quantizer(2, is_activation=True, percentile=100)
+    q100(x)
+    assert q100.lower == x.min() and q100.upper == x.max()
+
+
+def test_percentile_of_a_large_tensor_reads_a_strided_sample():
+    # 8 * 2**18 = 2**21 elements, above the 2**20 read per row: every 2nd element is read.
+    x = torch.rand(8, 4, 256, 256)
+    q = Quantizer(4, is_activation=True, percentile=99.0)
+    q(x)
+    assert q.upper.item() == pytest.approx(torch.quantile(x.flatten()[::2], 0.99).item())
+    assert q.upper.item() == pytest.approx(0.99, abs=2e-3)
+
+
+@pytest.mark.parametrize("bad", [50, 100.5, "99", True])
+def test_percentile_validation(bad):
+    with pytest.raises(ValueError, match="percentile must be a number in \\(50, 100\\] or None"):
+        Quantizer(2, is_activation=True, percentile=bad)
+
+
+def test_layers_pass_act_percentile_to_the_activation_quantizer_only():
+    layer = conv(act_percentile=99.9)
+    assert layer.act_quantizer.percentile == 99.9 and layer.weight_quantizer.percentile is None
+    model = dsq_ext.quantize_model(
+        torchvision.models.resnet18(num_classes=10), "uniform", 2, 2, act_percentile=99.0
+    )
+    assert {m.act_quantizer.percentile for _, m in dsq_ext.quantized_modules(model)} == {99.0}
+
+
 def test_data_parallel_replicas_refuse_to_set_bounds():
     layer = conv()
     layer.act_quantizer._is_replica = True  # what nn.parallel.replicate marks its copies with

@@ -133,6 +133,7 @@ def test_dsq_w4a4_one_epoch(dsq_run):
         "quantize_first_last": False,
         "bounds": "learned",
         "alpha_init": 0.2,
+        "act_percentile": None,
     }
     sd = ckpt["state_dict"]
     assert not any(k.startswith("module.") for k in sd)
@@ -361,6 +362,12 @@ def _reject(train_script, capsys, argv):
         (["-q", "DSQ", "--bounds", "minmax", "d"], "argument --bounds: invalid choice: 'minmax'"),
         (["-q", "DSQ", "--quantize_input", "-e", "d"], "--evaluate of a model with quantized activations"),
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
+        (["--act-percentile", "99", "d"], "--act-percentile only apply with -q"),
+        (["-q", "DSQ", "--act-percentile", "99", "d"], "--act-percentile needs quantized activations"),
+        (
+            ["-q", "DSQ", "--quantize_input", "--act-percentile", "40", "d"],
+            "a percentile in (50, 100], got '40'",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected(train_script, capsys, argv, message):
@@ -379,6 +386,12 @@ def test_quantization_flags_resolve(train_script):
     cfg = parsed("-q", "Dsq", "--quan_bit", "3", "--quantize_input", "--w-bits", "2", "--bounds", "ema")
     assert (cfg["method"], cfg["w_bits"], cfg["a_bits"], cfg["bounds"]) == ("dsq", 2, 3, "ema")
     assert parsed("-q", "DSQ", "--a-bits", "4")["a_bits"] == 4  # --a-bits implies --quantize_input
+    cfg = parsed("-q", "uniform", "--quan_bit", "2", "--quantize_input", "--act-percentile", "99")
+    assert cfg["act_percentile"] == 99.0
+    args = train_script.parser.parse_args(["-q", "DSQ", "--quantize_input", "--act-percentile", "99.9", "d"])
+    train_script.check_args(args)
+    assert train_script.quantize_kwargs(args)["act_percentile"] == 99.9
+    assert "--act-percentile 99" in train_script.describe_config(cfg)
 
 
 @slow
