@@ -7,6 +7,7 @@ Writes
   experiments/dsq_w4a4_alpha.md          `python -m dsq_ext.report` of the DSQ W4A4 model
   experiments/figures/dsq_w4a4_alpha.png its --plot
   experiments/figures/curves_w2a2.png    training curves of float, uniform W2A2 and DSQ W2A2
+  experiments/figures/curves_w2a2_p99.png  the same with --act-percentile 99 (run_percentile.sh)
 
 Accuracies are read from the TensorBoard events that train.py writes to each run's
 --log_path (tags val/acc1, val/acc5, train/loss, train/acc1; one point per epoch), wall
@@ -31,16 +32,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIGURES = os.path.join(HERE, "figures")
 
-# (label, run-name prefix, seeds looked for); the rows of the main table, float first.
+# (method, W/A bits, activation bounds from, run-name prefix); the rows of the main table, float first.
 ROWS = [
-    ("float", "float", None),
-    ("float +1 epoch lr 0.01 (control)", "float_ft1", None),
-    ("uniform W4A4", "uniform_w4a4", None),
-    ("DSQ W4A4", "dsq_w4a4", None),
-    ("uniform W3A3", "uniform_w3a3", None),
-    ("DSQ W3A3", "dsq_w3a3", None),
-    ("uniform W2A2", "uniform_w2a2", None),
-    ("DSQ W2A2", "dsq_w2a2", None),
+    ("float", "32/32", "", "float"),
+    ("float +1 epoch lr 0.01 (control)", "32/32", "", "float_ft1"),
+    ("uniform", "4/4", "min/max", "uniform_w4a4"),
+    ("DSQ", "4/4", "min/max", "dsq_w4a4"),
+    ("uniform", "4/4", "p99.9", "uniform_w4a4_p999"),
+    ("DSQ", "4/4", "p99.9", "dsq_w4a4_p999"),
+    ("uniform", "3/3", "min/max", "uniform_w3a3"),
+    ("DSQ", "3/3", "min/max", "dsq_w3a3"),
+    ("uniform", "2/2", "min/max", "uniform_w2a2"),
+    ("DSQ", "2/2", "min/max", "dsq_w2a2"),
+    ("uniform", "2/2", "p99", "uniform_w2a2_p99"),
+    ("DSQ", "2/2", "p99", "dsq_w2a2_p99"),
+    ("uniform", "2/2", "p99", "uniform_w2a2_p99_ep3"),
+    ("DSQ", "2/2", "p99", "dsq_w2a2_p99_ep3"),
 ]
 RUN_RE = re.compile(r"^(?P<prefix>.+)_s(?P<seed>\d+)$")
 STEP_RE = re.compile(
@@ -122,14 +129,15 @@ def main():
 
     lines = []
     lines.append(
-        "| method | W/A bits | epochs | seeds | top-1 (%) | top-5 (%) | top-1 per seed | wall time per run (s) |"
+        "| method | W/A bits | act. bounds from | epochs | seeds | top-1 (%) | top-5 (%) "
+        "| top-1 per seed | wall time per run (s) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     main_names = set()
-    for label, prefix, _ in ROWS:
+    for method, bits, init, prefix in ROWS:
         got = sorted(by_prefix.get(prefix, []), key=lambda t: t[0])
         if not got:
-            lines.append(f"| {label} | | - | - | not run | | | |")
+            lines.append(f"| {method} | {bits} | {init} | - | - | not run | | | |")
             continue
         main_names.update(r["name"] for _, r in got)
         seeds = ",".join(str(s) for s, _ in got)
@@ -138,15 +146,11 @@ def main():
         per_seed = ", ".join(f"{r['acc1']:.2f}" for _, r in got)
         walls = ", ".join(str(r["wall_s"]) for _, r in got)
         epochs = ",".join(sorted({str(r["epochs"]) for _, r in got}))
-        if prefix.startswith("float"):
-            method, bits = label, "32/32"
-        else:
-            method, bits = label.split()
-            bits = bits.replace("W", "").replace("A", "/")
         if prefix != "float":
             epochs = f"2 float + {epochs}"
         lines.append(
-            f"| {method} | {bits} | {epochs} | {seeds} | {fmt_mean(a1)} | {fmt_mean(a5)} | {per_seed} | {walls} |"
+            f"| {method} | {bits} | {init} | {epochs} | {seeds} | {fmt_mean(a1)} | {fmt_mean(a5)} "
+            f"| {per_seed} | {walls} |"
         )
     lines.append("")
     lines.append(
@@ -158,11 +162,14 @@ def main():
     lines.append("")
     lines.append("DSQ minus uniform, top-1 points, paired by seed:")
     lines.append("")
-    lines.append("| W/A bits | per seed | mean | seeds |")
-    lines.append("|---|---|---|---|")
+    lines.append("| W/A bits | per seed | mean | sd | seeds |")
+    lines.append("|---|---|---|---|---|")
     pairs = [(f"{b}/{b}", f"dsq_w{b}a{b}", f"uniform_w{b}a{b}") for b in (4, 3, 2)] + [
         ("2/2, DSQ --alpha-init 0.5 (investigation)", "dsq_w2a2_a05", "uniform_w2a2"),
         ("2/2, both 2 fine-tuning epochs (investigation)", "dsq_w2a2_ep2", "uniform_w2a2_ep2"),
+        ("4/4, act. bounds p99.9", "dsq_w4a4_p999", "uniform_w4a4_p999"),
+        ("2/2, act. bounds p99", "dsq_w2a2_p99", "uniform_w2a2_p99"),
+        ("2/2, act. bounds p99, 3 fine-tuning epochs", "dsq_w2a2_p99_ep3", "uniform_w2a2_p99_ep3"),
     ]
     for label, dp, up in pairs:
         u = dict(by_prefix.get(up, []))
@@ -172,7 +179,10 @@ def main():
             continue
         diffs = [d[s]["acc1"] - u[s]["acc1"] for s in seeds]
         per = ", ".join(f"{x:+.2f}" for x in diffs)
-        lines.append(f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {','.join(map(str, seeds))} |")
+        sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+        lines.append(
+            f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
+        )
 
     # Runs outside the main table (investigations).
     extra = [r for n, r in runs.items() if n not in main_names]
@@ -197,8 +207,9 @@ def main():
 
     lines.append("")
     lines.append(
-        "Commands (run from the repository root; `experiments/run_study.sh NAME` or "
-        "`experiments/run_investigation.sh NAME` runs one, by the name in the comment):"
+        "Commands (run from the repository root; `experiments/run_study.sh NAME`, "
+        "`experiments/run_investigation.sh NAME` or `experiments/run_percentile.sh NAME` "
+        "runs one, by the name in the comment):"
     )
     lines.append("")
     lines.append("```")
@@ -231,10 +242,13 @@ def main():
             f.write(rep)
         print(rep)
 
-    plot_curves(runs)
+    plot_curves(runs, "", "curves_w2a2.png", "first-batch min/max activation bounds")
+    plot_curves(
+        runs, "_p99", "curves_w2a2_p99.png", "activation bounds from the first batch's 1st/99th percentiles"
+    )
 
 
-def plot_curves(runs):
+def plot_curves(runs, variant, filename, what):
     """Float, uniform W2A2 and DSQ W2A2: running training loss/top-1 per step, and val top-1 per epoch."""
     float_run = runs.get("float_s0")
     if float_run is None:
@@ -246,8 +260,8 @@ def plot_curves(runs):
         ("float_ft1_s0", "float +1 epoch lr 0.01 (control)", "gray", "-"),
     ]
     for seed, ls in ((0, "-"), (1, "--"), (2, ":")):
-        series.append((f"uniform_w2a2_s{seed}", f"uniform W2A2 seed {seed}", "tab:blue", ls))
-        series.append((f"dsq_w2a2_s{seed}", f"DSQ W2A2 seed {seed}", "tab:red", ls))
+        series.append((f"uniform_w2a2{variant}_s{seed}", f"uniform W2A2 seed {seed}", "tab:blue", ls))
+        series.append((f"dsq_w2a2{variant}_s{seed}", f"DSQ W2A2 seed {seed}", "tab:red", ls))
     for name, label, color, ls in series:
         r = runs.get(name)
         if r is None:
@@ -279,10 +293,11 @@ def plot_curves(runs):
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     fig.suptitle(
-        "ResNet-18 on Fashion-MNIST 32x32: float, then 1 epoch of W2A2 fine-tuning (uniform STE vs DSQ)"
+        "ResNet-18 on Fashion-MNIST 32x32: float, then 1 epoch of W2A2 fine-tuning (uniform STE vs DSQ), "
+        + what
     )
     fig.tight_layout()
-    fig.savefig(os.path.join(FIGURES, "curves_w2a2.png"), dpi=110)
+    fig.savefig(os.path.join(FIGURES, filename), dpi=110)
     plt.close(fig)
 
 
