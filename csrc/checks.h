@@ -14,10 +14,10 @@
 
 namespace dsq_ext {
 
-// Numbers in messages are formatted here rather than streamed: streaming an
-// integer into the message goes through the C++ stream locale (num_put), which
-// crashed the interpreter where the extension was built by another GCC than
-// torch's (see docs/gpu.md). Strings and the names below stream safely.
+// Numbers in messages are formatted here, not streamed into TORCH_CHECK: on one
+// GPU machine (torch 2.11 wheel, extension built with that machine's GCC 13) every
+// message that streamed an integer crashed the interpreter, while messages of
+// strings only raised normally (docs/gpu.md). Strings and the names below are safe.
 inline std::string num(int64_t v) { return std::to_string(v); }
 inline std::string num(double v) {
     char buf[32];
