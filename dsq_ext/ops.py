@@ -45,7 +45,10 @@ def _as_tensor(value, x: Tensor, name: str) -> Tensor:
 def dsq_quantize(
     x: Tensor, lower, upper, alpha, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
 ) -> Tensor:
-    """DSQ fake quantization: the hard b-bit value of x in [lower, upper], DSQ's soft-staircase gradients."""
+    """DSQ fake quantization: the hard b-bit value of x in [lower, upper], DSQ's soft-staircase gradients.
+
+    grad_scale and sort_bounds: see the module docstring (both default to the plain op).
+    """
     return _ops.dsq_quantize(
         x,
         _as_tensor(lower, x, "lower"),
@@ -60,7 +63,10 @@ def dsq_quantize(
 def uniform_quantize(
     x: Tensor, lower, upper, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
 ) -> Tensor:
-    """Uniform fake quantization with a straight-through estimator; learnable lower and upper."""
+    """Uniform fake quantization with a straight-through estimator; learnable lower and upper.
+
+    grad_scale and sort_bounds: as for dsq_quantize.
+    """
     return _ops.uniform_quantize(
         x,
         _as_tensor(lower, x, "lower"),

@@ -184,6 +184,33 @@ def main():
             f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
         )
 
+    # Against the float model given the same extra epoch (float_ft1), paired by seed.
+    control = dict(by_prefix.get("float_ft1", []))
+    rows = []
+    for label, prefix in (
+        ("uniform 4/4, min/max", "uniform_w4a4"),
+        ("DSQ 4/4, min/max", "dsq_w4a4"),
+        ("uniform 4/4, p99.9", "uniform_w4a4_p999"),
+        ("DSQ 4/4, p99.9", "dsq_w4a4_p999"),
+    ):
+        q = dict(by_prefix.get(prefix, []))
+        seeds = sorted(set(q) & set(control))
+        if not seeds:
+            continue
+        diffs = [q[s]["acc1"] - control[s]["acc1"] for s in seeds]
+        per = ", ".join(f"{x:+.2f}" for x in diffs)
+        sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+        rows.append(
+            f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
+        )
+    if rows:
+        lines.append("")
+        lines.append("Quantized minus the float control (float +1 epoch, same seed), top-1 points:")
+        lines.append("")
+        lines.append("| model | per seed | mean | sd | seeds |")
+        lines.append("|---|---|---|---|---|")
+        lines.extend(rows)
+
     # Runs outside the main table (investigations).
     extra = [r for n, r in runs.items() if n not in main_names]
     if extra:

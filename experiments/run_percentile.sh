@@ -6,7 +6,9 @@
 # activations (experiments/act_clip.py, 3 seeds): 99 at 2 bits, 99.9 at 4 bits.
 #   {uniform,dsq}_w2a2_p99_s{0..4}      one fine-tuning epoch, 5 seeds
 #   {uniform,dsq}_w4a4_p999_s0          one fine-tuning epoch
-#   {uniform,dsq}_w2a2_p99_ep3_s{0,1}   three fine-tuning epochs (lr 0.01 throughout)
+#   {uniform,dsq}_w2a2_p99_ep3_s{0,1,2} three fine-tuning epochs (lr 0.01 throughout)
+#   {uniform,dsq}_w4a4_p999_s{1,2}      two more W4A4 seeds, and
+#   float_ft1_s{1,2}                    the float control (run_study.sh's recipe) at those seeds
 #
 #   experiments/run_percentile.sh          # all, skipping finished ones
 #   experiments/run_percentile.sh NAME ... # only those
@@ -45,5 +47,16 @@ for s in 0 1; do
     add uniform_w2a2_p99_ep3_s$s "-q uniform ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
     add dsq_w2a2_p99_ep3_s$s     "-q DSQ ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
 done
+
+# Added after the runs above: more seeds for the 4-bit comparison with float, and a third
+# seed of the three-epoch pair.
+FINETUNE_FLOAT=(--epochs 1 ${FT[*]})
+for s in 1 2; do
+    add uniform_w4a4_p999_s$s "-q uniform ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
+    add dsq_w4a4_p999_s$s     "-q DSQ ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
+    add float_ft1_s$s         "${FINETUNE_FLOAT[*]} --seed $s"
+done
+add uniform_w2a2_p99_ep3_s2 "-q uniform ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
+add dsq_w2a2_p99_ep3_s2     "-q DSQ ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
 
 source experiments/runs_lib.sh
