@@ -7,10 +7,15 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
+#include <vector>
+
+#include "dsq_math.h"
 
 namespace dsq_ext {
 
@@ -126,5 +131,56 @@ inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x
         return grad;
     return at::empty_like(dense_x).copy_(grad);
 }
+
+// The ops' kernels in the schemas' argument order, over one backend's
+//   forward(op, x, lower, upper, alpha or null, bits, options) and
+//   backward(op, grad, x, lower, upper, alpha or null, bits, mode, options),
+// where a null alpha is the uniform mode. Both backends register these, so the
+// schema-to-backend mapping is written once.
+using ForwardFn = at::Tensor (*)(const char*, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor*, int64_t, const Options&);
+using BackwardFn = std::vector<at::Tensor> (*)(const char*, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor*, int64_t, int, const Options&);
+
+template <ForwardFn Forward, BackwardFn Backward>
+struct Kernels {
+    static at::Tensor dsq_quantize(const at::Tensor& x, const at::Tensor& lower,
+                                   const at::Tensor& upper, const at::Tensor& alpha, int64_t bits,
+                                   double grad_scale, bool sort_bounds) {
+        return Forward("dsq_quantize", x, lower, upper, &alpha, bits, {grad_scale, sort_bounds});
+    }
+
+    static at::Tensor uniform_quantize(const at::Tensor& x, const at::Tensor& lower,
+                                       const at::Tensor& upper, int64_t bits, double grad_scale,
+                                       bool sort_bounds) {
+        return Forward("uniform_quantize", x, lower, upper, nullptr, bits,
+                       {grad_scale, sort_bounds});
+    }
+
+    static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward(
+        const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
+        const at::Tensor& upper, const at::Tensor& alpha, int64_t bits, double grad_scale,
+        bool sort_bounds) {
+        auto r = Backward("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
+                          DSQ_MODE_DSQ, {grad_scale, sort_bounds});
+        return {r[0], r[1], r[2], r[3]};
+    }
+
+    static std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward(
+        const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
+        const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds) {
+        auto r = Backward("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
+                          DSQ_MODE_UNIFORM, {grad_scale, sort_bounds});
+        return {r[0], r[1], r[2]};
+    }
+
+    static void register_all(torch::Library& m) {
+        m.impl("dsq_quantize", &dsq_quantize);
+        m.impl("dsq_quantize_backward", &dsq_quantize_backward);
+        m.impl("uniform_quantize", &uniform_quantize);
+        m.impl("uniform_quantize_backward", &uniform_quantize_backward);
+    }
+};
 
 }  // namespace dsq_ext

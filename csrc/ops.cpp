@@ -244,35 +244,6 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
     return r;
 }
 
-at::Tensor dsq_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-                            const at::Tensor& alpha, int64_t bits, double grad_scale,
-                            bool sort_bounds) {
-    return forward_cpu("dsq_quantize", x, lower, upper, &alpha, bits, {grad_scale, sort_bounds});
-}
-
-at::Tensor uniform_quantize_cpu(const at::Tensor& x, const at::Tensor& lower,
-                                const at::Tensor& upper, int64_t bits, double grad_scale,
-                                bool sort_bounds) {
-    return forward_cpu("uniform_quantize", x, lower, upper, nullptr, bits,
-                       {grad_scale, sort_bounds});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-    const at::Tensor& alpha, int64_t bits, double grad_scale, bool sort_bounds) {
-    auto r = backward_cpu("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
-                          DSQ_MODE_DSQ, {grad_scale, sort_bounds});
-    return {r[0], r[1], r[2], r[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-    const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds) {
-    auto r = backward_cpu("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
-                          DSQ_MODE_UNIFORM, {grad_scale, sort_bounds});
-    return {r[0], r[1], r[2]};
-}
-
 at::Tensor fast_tanh_cpu(const at::Tensor& x) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "_fast_tanh: x must be float32, got ",
                 dtype_name(x.scalar_type()));
@@ -306,10 +277,7 @@ TORCH_LIBRARY(dsq_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(dsq_ext, CPU, m) {
-    m.impl("dsq_quantize", &dsq_quantize_cpu);
-    m.impl("dsq_quantize_backward", &dsq_quantize_backward_cpu);
-    m.impl("uniform_quantize", &uniform_quantize_cpu);
-    m.impl("uniform_quantize_backward", &uniform_quantize_backward_cpu);
+    Kernels<forward_cpu, backward_cpu>::register_all(m);
     m.impl("_fast_tanh", &fast_tanh_cpu);
 }
 

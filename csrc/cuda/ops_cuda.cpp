@@ -129,42 +129,10 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
     return r;
 }
 
-at::Tensor dsq_quantize_cuda(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-                             const at::Tensor& alpha, int64_t bits, double grad_scale,
-                             bool sort_bounds) {
-    return forward_cuda("dsq_quantize", x, lower, upper, &alpha, bits, {grad_scale, sort_bounds});
-}
-
-at::Tensor uniform_quantize_cuda(const at::Tensor& x, const at::Tensor& lower,
-                                 const at::Tensor& upper, int64_t bits, double grad_scale,
-                                 bool sort_bounds) {
-    return forward_cuda("uniform_quantize", x, lower, upper, nullptr, bits,
-                        {grad_scale, sort_bounds});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-    const at::Tensor& alpha, int64_t bits, double grad_scale, bool sort_bounds) {
-    auto r = backward_cuda("dsq_quantize_backward", grad, x, lower, upper, &alpha, bits,
-                           DSQ_MODE_DSQ, {grad_scale, sort_bounds});
-    return {r[0], r[1], r[2], r[3]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-    const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds) {
-    auto r = backward_cuda("uniform_quantize_backward", grad, x, lower, upper, nullptr, bits,
-                           DSQ_MODE_UNIFORM, {grad_scale, sort_bounds});
-    return {r[0], r[1], r[2]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsq_ext, CUDA, m) {
-    m.impl("dsq_quantize", &dsq_quantize_cuda);
-    m.impl("dsq_quantize_backward", &dsq_quantize_backward_cuda);
-    m.impl("uniform_quantize", &uniform_quantize_cuda);
-    m.impl("uniform_quantize_backward", &uniform_quantize_backward_cuda);
+    Kernels<forward_cuda, backward_cuda>::register_all(m);
 }
 
 }  // namespace dsq_ext
