@@ -220,29 +220,10 @@ class _QuantMixin:
 
     _FLOAT: type[nn.Module]
 
-    def _init_quantizers(
-        self,
-        method,
-        w_bits,
-        a_bits,
-        per_channel,
-        alpha_init,
-        bounds,
-        momentum,
-        grad_scale,
-        act_percentile,
-        device,
-    ):
+    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, **common):
+        # common: what both quantizers take (method, alpha_init, bounds, momentum, grad_scale, device).
         _check_bits("w_bits", w_bits, allow_none=True)
         _check_bits("a_bits", a_bits, allow_none=True)
-        common = dict(
-            method=method,
-            alpha_init=alpha_init,
-            bounds=bounds,
-            momentum=momentum,
-            grad_scale=grad_scale,
-            device=device,
-        )
         self.weight_quantizer = (
             Quantizer(w_bits, channels=self.weight.shape[0] if per_channel else None, **common)
             if w_bits is not None
@@ -253,7 +234,8 @@ class _QuantMixin:
             if a_bits is not None
             else None
         )
-        self.method, self.w_bits, self.a_bits, self.per_channel = method, w_bits, a_bits, per_channel
+        self.method, self.w_bits, self.a_bits = common["method"], w_bits, a_bits
+        self.per_channel = per_channel
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight that forward uses (differentiable)."""
@@ -329,17 +311,10 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
             padding_mode, device, dtype,
         )  # fmt: skip
         self._init_quantizers(
-            method,
-            w_bits,
-            a_bits,
-            per_channel,
-            alpha_init,
-            bounds,
-            momentum,
-            grad_scale,
-            act_percentile,
-            device,
-        )
+            w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
+            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            grad_scale=grad_scale, device=device,
+        )  # fmt: skip
 
     @staticmethod
     def _float_config(m) -> dict:
@@ -384,17 +359,10 @@ class DSQLinear(_QuantMixin, nn.Linear):
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_quantizers(
-            method,
-            w_bits,
-            a_bits,
-            per_channel,
-            alpha_init,
-            bounds,
-            momentum,
-            grad_scale,
-            act_percentile,
-            device,
-        )
+            w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
+            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            grad_scale=grad_scale, device=device,
+        )  # fmt: skip
 
     @staticmethod
     def _float_config(m) -> dict:

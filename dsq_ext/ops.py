@@ -192,17 +192,12 @@ def _(x):
 # Autograd: only x (and the tiny parameters) are saved, never an intermediate.
 
 
-# inputs may stop at bits: the schema's defaults fill in what a caller left out.
-def _options(inputs, first: int) -> tuple[float, bool]:
-    rest = list(inputs[first:]) + [1.0, False][len(inputs) - first :]
-    return rest[0], rest[1]
-
-
+# The dispatcher passes every schema argument, defaults filled in.
 def _dsq_setup_context(ctx, inputs, output):
-    x, lower, upper, alpha, bits = inputs[:5]
+    x, lower, upper, alpha, bits, grad_scale, sort_bounds = inputs
     ctx.save_for_backward(x, lower, upper, alpha)
     ctx.bits = bits
-    ctx.options = _options(inputs, 5)
+    ctx.options = (grad_scale, sort_bounds)
 
 
 def _dsq_backward(ctx, grad):
@@ -221,10 +216,10 @@ def _dsq_backward(ctx, grad):
 
 
 def _uniform_setup_context(ctx, inputs, output):
-    x, lower, upper, bits = inputs[:4]
+    x, lower, upper, bits, grad_scale, sort_bounds = inputs
     ctx.save_for_backward(x, lower, upper)
     ctx.bits = bits
-    ctx.options = _options(inputs, 4)
+    ctx.options = (grad_scale, sort_bounds)
 
 
 def _uniform_backward(ctx, grad):
