@@ -106,6 +106,18 @@ def read_run(runs, name):
     }
 
 
+def paired_row(by_prefix, label, prefix, baseline):
+    """A table row of top-1 differences prefix - baseline over their common seeds, or None."""
+    a, b = dict(by_prefix.get(prefix, [])), dict(by_prefix.get(baseline, []))
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s]["acc1"] - b[s]["acc1"] for s in seeds]
+    per = ", ".join(f"{x:+.2f}" for x in diffs)
+    sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+    return f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
+
+
 def fmt_mean(values, digits=2):
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -171,38 +183,16 @@ def main():
         ("2/2, act. bounds p99", "dsq_w2a2_p99", "uniform_w2a2_p99"),
         ("2/2, act. bounds p99, 3 fine-tuning epochs", "dsq_w2a2_p99_ep3", "uniform_w2a2_p99_ep3"),
     ]
-    for label, dp, up in pairs:
-        u = dict(by_prefix.get(up, []))
-        d = dict(by_prefix.get(dp, []))
-        seeds = sorted(set(u) & set(d))
-        if not seeds:
-            continue
-        diffs = [d[s]["acc1"] - u[s]["acc1"] for s in seeds]
-        per = ", ".join(f"{x:+.2f}" for x in diffs)
-        sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
-        lines.append(
-            f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
-        )
+    lines.extend(r for label, dp, up in pairs if (r := paired_row(by_prefix, label, dp, up)))
 
     # Against the float model given the same extra epoch (float_ft1), paired by seed.
-    control = dict(by_prefix.get("float_ft1", []))
-    rows = []
-    for label, prefix in (
+    controls = (
         ("uniform 4/4, min/max", "uniform_w4a4"),
         ("DSQ 4/4, min/max", "dsq_w4a4"),
         ("uniform 4/4, p99.9", "uniform_w4a4_p999"),
         ("DSQ 4/4, p99.9", "dsq_w4a4_p999"),
-    ):
-        q = dict(by_prefix.get(prefix, []))
-        seeds = sorted(set(q) & set(control))
-        if not seeds:
-            continue
-        diffs = [q[s]["acc1"] - control[s]["acc1"] for s in seeds]
-        per = ", ".join(f"{x:+.2f}" for x in diffs)
-        sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
-        rows.append(
-            f"| {label} | {per} | {statistics.mean(diffs):+.2f} | {sd} | {','.join(map(str, seeds))} |"
-        )
+    )
+    rows = [r for label, prefix in controls if (r := paired_row(by_prefix, label, prefix, "float_ft1"))]
     if rows:
         lines.append("")
         lines.append("Quantized minus the float control (float +1 epoch, same seed), top-1 points:")
