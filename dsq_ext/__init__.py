@@ -16,6 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         f"Original error: {e}"
     ) from e
 
+from .config import ModelQuantConfig, QuantConfig, layer_configs  # noqa: E402
 from .nn import (  # noqa: E402
     DSQConv2d,
     DSQLinear,
@@ -37,10 +38,13 @@ __version__ = "0.1.0"
 __all__ = [
     "DSQConv2d",
     "DSQLinear",
+    "ModelQuantConfig",
+    "QuantConfig",
     "Quantizer",
     "build_info",
     "dsq_quantize",
     "dsq_quantize_backward",
+    "layer_configs",
     "param_groups",
     "quantize_model",
     "quantized_modules",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .config import _UNSET, QuantConfig, resolve_layer_configs
 
 __all__ = [
     "Quantizer",
@@ -35,10 +36,8 @@ __all__ = [
     "param_groups",
 ]
 
-METHODS = ("dsq", "uniform")
 # Elements per row that Quantizer(percentile=...) reads to set bounds (see _percentile_range).
 PERCENTILE_SAMPLE = 1 << 20
-BOUNDS = ("learned", "ema")
 
 
 def _all_reduce_(t: Tensor, op) -> Tensor:
@@ -47,82 +46,69 @@ def _all_reduce_(t: Tensor, op) -> Tensor:
     return t
 
 
-def _check_bits(name: str, bits, allow_none: bool) -> None:
-    if bits is None and allow_none:
-        return
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"{name} must be an int in 1..8{' or None' if allow_none else ''}, got {bits!r}")
-
-
 class Quantizer(nn.Module):
-    """Fake-quantizes one tensor (DSQ or uniform-STE) and owns its bounds and alpha.
+    """Fake-quantizes one tensor (DSQ or uniform-STE) as its QuantConfig says, and owns its bounds and alpha.
 
-    bounds="learned": lower/upper are nn.Parameters, set from the tensor's min/max
-    on the first training forward (activations: min/max of the first batch,
-    all-reduced across ranks), then trained by backprop.
+    Quantizer(config, channels=...) or, as a front door, Quantizer(bits, **QuantConfig fields)
+    (channels=C then implies per_channel). Per-channel quantizers need `channels`.
+    bounds="learned": lower/upper are nn.Parameters, set from the tensor's range
+    on the first training forward (activations: the first batch's, all-reduced
+    across ranks), then trained by backprop.
     bounds="ema": lower/upper are buffers, a moving average (momentum) of the
-    min/max seen in training. Eval mode never looks at batch statistics.
+    range seen in training. Eval mode never looks at batch statistics.
     `initialized` (a buffer) records that the bounds were set, so eval, resume
     and load_state_dict never set them again.
     """
 
     def __init__(
         self,
-        bits: int,
+        config: QuantConfig | int,
         *,
-        method: str = "dsq",
         channels: int | None = None,
-        alpha_init: float = 0.2,
-        bounds: str = "learned",
-        momentum: float = 0.1,
-        grad_scale: bool = True,
         is_activation: bool = False,
-        percentile: float | None = None,
         device=None,
         dtype=None,
+        **fields,
     ):
         super().__init__()
-        _check_bits("bits", bits, allow_none=False)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if bounds not in BOUNDS:
-            raise ValueError(f"bounds must be one of {BOUNDS}, got {bounds!r}")
-        if not 0.0 < alpha_init <= 0.5:
-            raise ValueError(f"alpha_init must be in (0, 0.5], got {alpha_init}")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        if channels is not None and is_activation:
-            raise ValueError("activations are quantized per tensor (channels=None)")
-        if percentile is not None and not (
-            isinstance(percentile, (int, float))
-            and not isinstance(percentile, bool)
-            and 50.0 < percentile <= 100.0
-        ):
-            raise ValueError(f"percentile must be a number in (50, 100] or None, got {percentile!r}")
-        self.bits = bits
-        self.method = method
+        if isinstance(config, QuantConfig):
+            if fields:
+                raise TypeError(f"Quantizer(config) takes no config keywords, got {sorted(fields)}")
+        else:
+            fields.setdefault("per_channel", channels is not None)
+            config = QuantConfig(bits=config, **fields)
+        if config.per_channel and is_activation:
+            raise ValueError("activations are quantized per tensor (per_channel=False)")
+        if config.per_channel != (channels is not None):
+            raise ValueError(
+                f"a per-channel quantizer needs channels=C, and only it: per_channel={config.per_channel}, "
+                f"channels={channels}"
+            )
+        self.config = config
         self.channels = channels
-        self.bounds = bounds
-        self.momentum = momentum
-        self.grad_scale = grad_scale
         self.is_activation = is_activation
-        self.percentile = None if percentile is None else float(percentile)
         kw = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
         shape = (channels,) if channels is not None else ()
         lower, upper = torch.zeros(shape, **kw), torch.ones(shape, **kw)
-        if bounds == "learned":
+        if config.bounds == "learned":
             self.lower, self.upper = nn.Parameter(lower), nn.Parameter(upper)
         else:
             self.register_buffer("lower", lower)
             self.register_buffer("upper", upper)
-        if method == "dsq":
-            self.alpha = nn.Parameter(torch.full((), float(alpha_init), **kw))
+        if config.method == "dsq":
+            self.alpha = nn.Parameter(torch.full((), config.alpha_init, **kw))
         else:
             self.register_parameter("alpha", None)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         # Host-side mirror of `initialized`: reading the buffer every step would
         # synchronise a GPU and break torch.compile graphs.
         self._initialized = False
+
+    # The config's fields, read-only, for brevity.
+    bits = property(lambda self: self.config.bits)
+    method = property(lambda self: self.config.method)
+    bounds = property(lambda self: self.config.bounds)
+    percentile = property(lambda self: self.config.percentile)
 
     def extra_repr(self) -> str:
         per = f"per_channel({self.channels})" if self.channels is not None else "per_tensor"
@@ -169,8 +155,8 @@ class Quantizer(nn.Module):
             return
         lo, hi = self._batch_range(x)
         if self.bounds == "ema" and self._initialized:
-            self.lower.lerp_(lo, self.momentum)
-            self.upper.lerp_(hi, self.momentum)
+            self.lower.lerp_(lo, self.config.momentum)
+            self.upper.lerp_(hi, self.config.momentum)
         else:
             self.lower.copy_(lo)
             self.upper.copy_(hi)
@@ -204,7 +190,7 @@ class Quantizer(nn.Module):
         # - LSQ's gradient scale 1 / sqrt(elements per channel * levels) keeps the
         #   steps of lower, upper and alpha in proportion to those of the weights.
         s = 1.0
-        if self.grad_scale:
+        if self.config.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
         sort = self.bounds == "learned"
@@ -220,22 +206,19 @@ class _QuantMixin:
 
     _FLOAT: type[nn.Module]
 
-    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, **common):
-        # common: what both quantizers take (method, alpha_init, bounds, momentum, grad_scale, device).
-        _check_bits("w_bits", w_bits, allow_none=True)
-        _check_bits("a_bits", a_bits, allow_none=True)
-        self.weight_quantizer = (
-            Quantizer(w_bits, channels=self.weight.shape[0] if per_channel else None, **common)
-            if w_bits is not None
-            else None
-        )
-        self.act_quantizer = (
-            Quantizer(a_bits, is_activation=True, percentile=act_percentile, **common)
-            if a_bits is not None
-            else None
-        )
-        self.method, self.w_bits, self.a_bits = common["method"], w_bits, a_bits
-        self.per_channel = per_channel
+    def _init_quantizers(self, weight_config, act_config, args, kwargs, device):
+        w, a = resolve_layer_configs(weight_config, act_config, args, kwargs)
+        channels = self.weight.shape[0] if w is not None and w.per_channel else None
+        self.weight_quantizer = None if w is None else Quantizer(w, channels=channels, device=device)
+        self.act_quantizer = None if a is None else Quantizer(a, is_activation=True, device=device)
+
+    @property
+    def weight_config(self) -> QuantConfig | None:
+        return None if self.weight_quantizer is None else self.weight_quantizer.config
+
+    @property
+    def act_config(self) -> QuantConfig | None:
+        return None if self.act_quantizer is None else self.act_quantizer.config
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight that forward uses (differentiable)."""
@@ -270,10 +253,9 @@ class _QuantMixin:
         return mod
 
     def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + f", method={self.method}, w_bits={self.w_bits}, a_bits={self.a_bits}"
-            + (", per_channel=True" if self.per_channel else "")
+        w, a = self.weight_config, self.act_config
+        return super().extra_repr() + (
+            f", weight={w.describe() if w else 'float'}, input={a.describe() if a else 'float'}"
         )
 
 
@@ -296,25 +278,15 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         device=None,
         dtype=None,
         *,
-        method: str = "dsq",
-        w_bits: int | None = 4,
-        a_bits: int | None = 4,
-        per_channel: bool = False,
-        alpha_init: float = 0.2,
-        bounds: str = "learned",
-        momentum: float = 0.1,
-        grad_scale: bool = True,
-        act_percentile: float | None = None,
+        weight_config: QuantConfig | None = _UNSET,
+        act_config: QuantConfig | None = _UNSET,
+        **quant_kwargs,
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
         )  # fmt: skip
-        self._init_quantizers(
-            w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
-            grad_scale=grad_scale, device=device,
-        )  # fmt: skip
+        self._init_quantizers(weight_config, act_config, (), quant_kwargs, device)
 
     @staticmethod
     def _float_config(m) -> dict:
@@ -347,22 +319,12 @@ class DSQLinear(_QuantMixin, nn.Linear):
         device=None,
         dtype=None,
         *,
-        method: str = "dsq",
-        w_bits: int | None = 4,
-        a_bits: int | None = 4,
-        per_channel: bool = False,
-        alpha_init: float = 0.2,
-        bounds: str = "learned",
-        momentum: float = 0.1,
-        grad_scale: bool = True,
-        act_percentile: float | None = None,
+        weight_config: QuantConfig | None = _UNSET,
+        act_config: QuantConfig | None = _UNSET,
+        **quant_kwargs,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_quantizers(
-            w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
-            grad_scale=grad_scale, device=device,
-        )  # fmt: skip
+        self._init_quantizers(weight_config, act_config, (), quant_kwargs, device)
 
     @staticmethod
     def _float_config(m) -> dict:
@@ -377,36 +339,39 @@ _SWAPS = {nn.Conv2d: DSQConv2d, nn.Linear: DSQLinear}
 
 def quantize_model(
     model: nn.Module,
-    method: str = "dsq",
-    w_bits: int | None = 4,
-    a_bits: int | None = 4,
+    *args,
+    weight_config: QuantConfig | None = _UNSET,
+    act_config: QuantConfig | None = _UNSET,
     skip_first: bool = True,
     skip_last: bool = True,
-    per_channel: bool = False,
-    **layer_kwargs,
+    filter_fn=None,
+    **kwargs,
 ) -> nn.Module:
     """Replaces nn.Conv2d and nn.Linear in place with DSQConv2d / DSQLinear; returns the model.
 
+    The quantization is given as weight_config/act_config (QuantConfig, None for
+    float), or by the front-door arguments `method, w_bits, a_bits` and keywords
+    (per_channel, act_percentile, alpha_init, bounds, ...; see layer_configs).
     Layers are taken in registration order; by default the first one (the stem
     conv) and the last one (the classifier) stay float, as in the paper.
+    filter_fn(module, qualified_name) -> bool, when given, must also accept a
+    layer for it to be swapped (skip_first=False, skip_last=False leave the
+    choice to filter_fn alone).
     """
-    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
     if type(model) in _SWAPS:
         raise TypeError(
             "quantize_model swaps the layers inside a model; use DSQConv2d.from_float for one layer"
         )
+    w, a = resolve_layer_configs(weight_config, act_config, args, kwargs)
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
     first = 1 if skip_first else 0
     last = len(candidates) - (1 if skip_last else 0)
     for name, mod in candidates[first:last]:
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(
-            parent,
-            child,
-            _SWAPS[type(mod)].from_float(
-                mod, method=method, w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, **layer_kwargs
-            ),
-        )
+        setattr(parent, child, _SWAPS[type(mod)].from_float(mod, weight_config=w, act_config=a))
     return model
 
 
