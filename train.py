@@ -7,11 +7,9 @@
 # fmt: off
 # ruff: noqa: B028, E501, UP004, UP031, UP032
 import argparse
-import hashlib
+import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from enum import Enum
@@ -32,6 +30,8 @@ from torch.optim.lr_scheduler import StepLR
 from torch.utils.data import Subset
 
 import dsq_ext  # --- dsq_ext
+import dsq_ext.checkpoint  # --- dsq_ext
+import dsq_ext.monitor  # --- dsq_ext
 
 model_names = sorted(name for name in models.__dict__
     if name.islower() and not name.startswith("__")
@@ -131,9 +131,9 @@ quant = parser.add_argument_group(
 quant.add_argument('-q', '--quantize', default=None, type=_quant_method, metavar='{DSQ,uniform}',
                    help='quantize conv and linear layers with DSQ or with uniform '
                         'quantization and a straight-through gradient (case-insensitive)')
-quant.add_argument('--quan_bit', default=None, type=_bits, metavar='N',
+quant.add_argument('--quan_bit', '--quan-bit', default=None, type=_bits, metavar='N',
                    help='bits of weights and, with --quantize_input, activations (default: 8)')
-quant.add_argument('--quantize_input', action='store_true',
+quant.add_argument('--quantize_input', '--quantize-input', action='store_true',
                    help='quantize activations (the inputs of quantized layers) as well as weights')
 quant.add_argument('--w-bits', default=None, type=_bits, metavar='N',
                    help='weight bits (default: --quan_bit)')
@@ -156,7 +156,7 @@ quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
                    help='start from the weights of a float checkpoint written by this script '
                         "(the paper's fine-tuning workflow)")
-quant.add_argument('--log_path', default='log', type=str, metavar='DIR',
+quant.add_argument('--log_path', '--log-path', default='log', type=str, metavar='DIR',
                    help='TensorBoard events and checkpoints (default: log)')
 # --- end dsq_ext
 
@@ -263,8 +263,8 @@ def main_worker(gpu, ngpus_per_node, args):
     if args.init_from:
         load_float_weights(model, args.init_from)
     if args.quantize:
-        model = dsq_ext.quantize_model(model, **quantize_kwargs(args))
-        print(f"=> quantized {len(dsq_ext.quantized_modules(model))} layers: {describe_config(args)}")
+        model = quant_config(args).quantize(model)
+        print(f"=> quantized {len(dsq_ext.quantized_modules(model))} layers: {describe_config(quant_config(args))}")
     # --- end dsq_ext
 
     if not use_accel:
@@ -331,10 +331,10 @@ def main_worker(gpu, ngpus_per_node, args):
             print("=> loading checkpoint '{}'".format(args.resume))
             # --- dsq_ext: loaded on the CPU, so that a GPU checkpoint resumes anywhere;
             # load_state_dict copies to the model's device. check_args compared its config.
-            checkpoint = torch.load(args.resume, map_location='cpu')
+            checkpoint = read_checkpoint(args.resume, '--resume')
             args.start_epoch = checkpoint['epoch']
             best_acc1 = checkpoint['best_acc1']
-            load_model_state(model, checkpoint['state_dict'])
+            dsq_ext.checkpoint.load_model_state(model, checkpoint['state_dict'])
             # --- end dsq_ext
             optimizer.load_state_dict(checkpoint['optimizer'])
             scheduler.load_state_dict(checkpoint['scheduler'])
@@ -374,6 +374,10 @@ def main_worker(gpu, ngpus_per_node, args):
                 transforms.ToTensor(),
                 normalize,
             ]))
+        # --- dsq_ext: an unreadable (e.g. truncated) image names its file
+        name_unreadable_images(train_dataset)
+        name_unreadable_images(val_dataset)
+        # --- end dsq_ext
 
     if args.distributed:
         train_sampler = torch.utils.data.distributed.DistributedSampler(train_dataset)
@@ -427,11 +431,11 @@ def main_worker(gpu, ngpus_per_node, args):
             save_checkpoint({
                 'epoch': epoch + 1,
                 'arch': args.arch,
-                'state_dict': canonical_state_dict(model),  # --- dsq_ext: without DDP's "module."
+                'state_dict': dsq_ext.checkpoint.canonical_state_dict(model),  # --- dsq_ext: without DDP's "module."
                 'best_acc1': best_acc1,
                 'optimizer' : optimizer.state_dict(),
                 'scheduler' : scheduler.state_dict(),
-                'quant': quant_config(args),  # --- dsq_ext
+                'quant': quant_config(args).to_dict(),  # --- dsq_ext
                 'image_size': args.image_size,  # --- dsq_ext
             }, is_best, os.path.join(args.log_path, 'checkpoint.pth.tar'))  # --- dsq_ext: --log_path
 
@@ -573,10 +577,10 @@ def validate(val_loader, model, criterion, args):
 def save_checkpoint(state, is_best, filename='checkpoint.pth.tar'):
     # --- dsq_ext: written beside the target and renamed over it, so that an
     # interrupted save leaves the previous file intact
-    atomic_save(state, filename)
+    dsq_ext.checkpoint.atomic_save(state, filename)
     if is_best:
         best = os.path.join(os.path.dirname(filename), 'model_best.pth.tar')
-        atomic_copy(filename, best)
+        dsq_ext.checkpoint.atomic_copy(filename, best)
     # --- end dsq_ext
 
 class Summary(Enum):
@@ -676,14 +680,17 @@ def accuracy(output, target, topk=(1,)):
 
 # --- dsq_ext: helpers for the fenced additions above ------------------------------
 # (written in the repository's style: ruff would format them as they are)
-
-# The fields of quant_config that must match to resume; alpha_init and
-# act_percentile only matter before the first step, so a resumed run may name others.
-_RESUME_KEYS = ("method", "w_bits", "a_bits", "per_channel", "quantize_first_last", "bounds")
+# The reusable machinery (checkpoint files, configs, TensorBoard tags) is in the
+# package (dsq_ext.checkpoint, dsq_ext.config, dsq_ext.monitor); these functions only
+# map this script's flags onto it.
 
 
 def check_args(args):
     """Rejects flag combinations that would silently do something else, before any process starts."""
+    if not math.isfinite(args.lr) or args.lr < 0:
+        parser.error(f"--lr must be a finite number >= 0, got {args.lr}")
+    if not args.evaluate and args.epochs <= 0:
+        parser.error(f"--epochs must be >= 1 (the number of epochs to train), got {args.epochs}")
     if args.quantize is None:
         given = (
             ("--quan_bit", args.quan_bit),
@@ -710,8 +717,6 @@ def check_args(args):
         if args.a_bits is None and args.quantize_input:
             args.a_bits = quan_bit
         args.quantize_input = args.a_bits is not None
-        args.bounds = args.bounds or "learned"
-        args.alpha_init = 0.2 if args.alpha_init is None else args.alpha_init
         if args.act_percentile is not None and args.a_bits is None:
             parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
 
@@ -722,8 +727,8 @@ def check_args(args):
 
     if args.init_from:
         ckpt = read_checkpoint(args.init_from, "--init-from")
-        cfg = ckpt.get("quant") or {"method": None}
-        if cfg.get("method") is not None:
+        cfg = quant_config_of(ckpt, "--init-from")
+        if not cfg.is_float:
             parser.error(
                 f"--init-from expects a float checkpoint (written without -q), but {args.init_from} "
                 f"was trained with {describe_config(cfg)}; to continue that run use --resume"
@@ -731,36 +736,47 @@ def check_args(args):
         if ckpt.get("arch", args.arch) != args.arch:
             parser.error(f"--init-from {args.init_from} holds a {ckpt['arch']}, not a {args.arch} (-a)")
 
-    resumable = bool(args.resume) and os.path.isfile(args.resume)
-    if resumable:
+    if args.resume:
+        # A missing file stops the run here, before anything is written to --log_path.
         ckpt = read_checkpoint(args.resume, "--resume")
-        theirs = dict(ckpt.get("quant") or {"method": None}, arch=ckpt.get("arch"))
-        ours = dict(quant_config(args), arch=args.arch)
-        # Float against quantized is one difference, whatever the unused fields hold.
-        keys = ("arch",) + (_RESUME_KEYS if theirs["method"] and ours["method"] else _RESUME_KEYS[:1])
-        diff = [k for k in keys if theirs.get(k) != ours.get(k)]
+        theirs, ours = quant_config_of(ckpt, "--resume"), quant_config(args)
+        mine, old = _flat(ours.resume_key()), _flat(theirs.resume_key())
+        diff = [k for k in {**old, **mine} if mine.get(k) != old.get(k)]
+        diff = (["arch"] if ckpt.get("arch") != args.arch else []) + diff
         if diff:
             parser.error(
                 f"{args.resume} was written by a different configuration (differs in {', '.join(diff)}):\n"
-                f"  checkpoint: -a {theirs['arch']} {describe_config(theirs)}\n"
+                f"  checkpoint: -a {ckpt.get('arch')} {describe_config(theirs)}\n"
                 f"  this run:   -a {args.arch} {describe_config(ours)}\n"
                 "resume with the checkpoint's flags, or start a new run in another --log_path"
             )
-    if args.evaluate and args.a_bits is not None and not resumable:
-        why = f"--resume {args.resume}: no such file" if args.resume else "no --resume CHECKPOINT"
+    if args.evaluate and args.a_bits is not None and not args.resume:
         parser.error(
-            f"--evaluate of a model with quantized activations needs a checkpoint ({why}): "
+            "--evaluate of a model with quantized activations needs a checkpoint (no --resume CHECKPOINT): "
             "activation bounds are set in training and stored in the checkpoint"
         )
 
 
+def _flat(d, prefix=""):
+    # {"weight": {"bits": 4}} -> {"weight.bits": 4}; a float side (None) stays one entry.
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def read_checkpoint(path, flag):
-    if not os.path.isfile(path):
-        parser.error(f"{flag} {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        parser.error(f"{flag} {path}: not a checkpoint written by train.py (no 'state_dict')")
-    return ckpt
+    try:
+        return dsq_ext.checkpoint.read_checkpoint(path, flag)
+    except dsq_ext.checkpoint.CheckpointError as e:
+        parser.error(str(e))
+
+
+def quant_config_of(ckpt, flag):
+    try:
+        return dsq_ext.checkpoint.quant_config_of(ckpt, flag)
+    except dsq_ext.checkpoint.CheckpointError as e:
+        parser.error(str(e))
 
 
 def check_pretrained_cached(arch):
@@ -780,50 +796,38 @@ def check_pretrained_cached(arch):
 
 
 def quant_config(args):
-    """What a checkpoint records of the quantization: enough to rebuild the model."""
+    """The dsq_ext.ModelQuantConfig these flags ask for (float without -q); checkpoints record it."""
     if not args.quantize:
-        return {"method": None}
-    return {
-        "method": args.quantize,
-        "w_bits": args.w_bits,
-        "a_bits": args.a_bits,
-        "per_channel": args.per_channel,
-        "quantize_first_last": args.quantize_first_last,
-        "bounds": args.bounds,
-        "alpha_init": args.alpha_init,
-        "act_percentile": args.act_percentile,
-    }
-
-
-def quantize_kwargs(args):
-    cfg = quant_config(args)
-    return dict(
-        method=cfg["method"],
-        w_bits=cfg["w_bits"],
-        a_bits=cfg["a_bits"],
-        per_channel=cfg["per_channel"],
-        skip_first=not cfg["quantize_first_last"],
-        skip_last=not cfg["quantize_first_last"],
-        bounds=cfg["bounds"],
-        alpha_init=cfg["alpha_init"],
-        act_percentile=cfg.get("act_percentile"),
+        return dsq_ext.ModelQuantConfig()
+    common = {"method": args.quantize}
+    for flag, field in (("bounds", "bounds"), ("alpha_init", "alpha_init")):
+        if getattr(args, flag) is not None:
+            common[field] = getattr(args, flag)
+    weight, act = dsq_ext.layer_configs(
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        per_channel=args.per_channel,
+        act_percentile=args.act_percentile,
+        **common,
     )
+    keep_float = not args.quantize_first_last
+    return dsq_ext.ModelQuantConfig(weight=weight, act=act, skip_first=keep_float, skip_last=keep_float)
 
 
 def describe_config(cfg):
-    """The flags that give a quant_config (or parsed args)."""
-    if not isinstance(cfg, dict):
-        cfg = quant_config(cfg)
-    if cfg.get("method") is None:
+    """The train.py flags that give a ModelQuantConfig."""
+    if cfg.is_float:
         return "(float, no -q)"
-    flags = ["-q", "DSQ" if cfg["method"] == "dsq" else "uniform", "--w-bits", str(cfg["w_bits"])]
-    if cfg.get("a_bits") is not None:
-        flags += ["--a-bits", str(cfg["a_bits"])]
-    flags += ["--per-channel"] * bool(cfg.get("per_channel"))
-    flags += ["--quantize-first-last"] * bool(cfg.get("quantize_first_last"))
-    flags += ["--bounds", str(cfg.get("bounds"))]
-    if cfg.get("act_percentile") is not None:
-        flags += ["--act-percentile", f"{cfg['act_percentile']:g}"]
+    w, a = cfg.weight, cfg.act
+    first = w or a
+    flags = ["-q", "DSQ" if first.method == "dsq" else "uniform"]
+    flags += ["--w-bits", str(w.bits)] if w else []
+    flags += ["--a-bits", str(a.bits)] if a else []
+    flags += ["--per-channel"] * bool(w and w.per_channel)
+    flags += ["--quantize-first-last"] * (not cfg.skip_first)
+    flags += ["--bounds", first.bounds]
+    if a is not None and a.percentile is not None:
+        flags += ["--act-percentile", f"{a.percentile:g}"]
     return " ".join(flags)
 
 
@@ -833,42 +837,16 @@ def local_procs(args, ngpus_per_node):
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def _canonical(key):
-    # DataParallel and DDP add "module." path components; checkpoints are stored without them.
-    return ".".join(part for part in key.split(".") if part != "module")
-
-
-def canonical_state_dict(model):
-    """The model's state_dict under the bare model's names, whatever wraps it."""
-    return {_canonical(k): v for k, v in model.state_dict().items()}
-
-
-def load_model_state(model, state_dict):
-    own = {_canonical(k): k for k in model.state_dict()}
-    model.load_state_dict({own.get(_canonical(k), k): v for k, v in state_dict.items()})
-
-
 def load_float_weights(model, path):
-    ckpt = torch.load(path, map_location="cpu")
-    load_model_state(model, ckpt["state_dict"])
+    ckpt = read_checkpoint(path, "--init-from")
+    dsq_ext.checkpoint.load_model_state(model, ckpt["state_dict"])
     print(f"=> float weights from '{path}' (epoch {ckpt.get('epoch')}, best Acc@1 {ckpt.get('best_acc1')})")
-
-
-def quantizer_digest(state_dict):
-    """sha256 of every quantizer tensor (lower, upper, alpha, initialized), in name order."""
-    h = hashlib.sha256()
-    for key in sorted(k for k in state_dict if "_quantizer." in k):
-        t = state_dict[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def print_replica_digest(model, args):
     # Each rank prints its own: replicas stay equal only if every quantizer update
     # (first-batch bounds, moving averages, alpha steps) is the same on all ranks.
-    digest = quantizer_digest(canonical_state_dict(model))
+    digest = dsq_ext.checkpoint.quantizer_digest(dsq_ext.checkpoint.canonical_state_dict(model))
     digests = [None] * args.world_size
     dist.all_gather_object(digests, digest)
     print(f"=> rank {args.rank}: quantizer state sha256 {digest}", flush=True)
@@ -883,71 +861,26 @@ def make_writer(log_path):
     return SummaryWriter(log_dir=log_path)
 
 
-def quantizer_tensors(model):
-    """(tag, tensor) for each quantizer's alpha, lower and upper: quant/layer1.0.conv1/weight_alpha, ..."""
-    out = []
-    for name, layer in dsq_ext.quantized_modules(model):
-        for kind, q in (("weight", layer.weight_quantizer), ("act", layer.act_quantizer)):
-            if q is None:
-                continue
-            for field in ("alpha", "lower", "upper"):
-                value = getattr(q, field)
-                if value is not None:
-                    out.append((f"quant/{_canonical(name)}/{kind}_{field}", value.detach()))
-    return out
-
-
 def log_epoch(writer, epoch, model, train_stats, val_stats, lr):
     for split, stats in (("train", train_stats), ("val", val_stats)):
         for key, value in stats.items():
             writer.add_scalar(f"{split}/{key}", value, epoch)
     writer.add_scalar("lr", lr, epoch)
-    for tag, value in quantizer_tensors(model):
-        # Per-channel bounds: the mean as a scalar, all channels as a histogram.
-        writer.add_scalar(tag, value.float().mean().item(), epoch)
-        if value.numel() > 1:
-            writer.add_histogram(tag + "_per_channel", value.float().cpu(), epoch)
+    dsq_ext.monitor.log_quantizers(writer, model, epoch)
     writer.flush()
 
 
-def _mkstemp_beside(filename):
-    # Same directory, so that os.replace is an atomic rename; mkstemp's 0600 widened as the umask allows.
-    directory = os.path.dirname(os.path.abspath(filename))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(filename) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+def name_unreadable_images(dataset):
+    """Makes an ImageFolder's loader say which file it could not read (e.g. a truncated image)."""
+    load = dataset.loader
 
+    def loader(path):
+        try:
+            return load(path)
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
 
-def _write_atomically(filename, write):
-    fd, tmp = _mkstemp_beside(filename)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(obj, filename):
-    """torch.save that either completes or leaves the previous file untouched."""
-    _write_atomically(filename, lambda f: torch.save(obj, f))
-
-
-def atomic_copy(src, dst):
-    """shutil.copyfile that either completes or leaves the previous dst untouched."""
-
-    def copy(f):
-        with open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-
-    _write_atomically(dst, copy)
+    dataset.loader = loader
 
 
 # --- end dsq_ext

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _C
+from .checkpoint import CheckpointError, canonical_state_dict, read_checkpoint
+from .config import ModelQuantConfig
 
 __all__ = ["QuantizerState", "LayerState", "load_layers", "markdown_table", "soft_staircase", "plot"]
 
@@ -60,25 +62,17 @@ class LayerState:
     act: QuantizerState | None = None
 
 
-def _canonical(key: str) -> str:
-    # DataParallel / DDP add "module." components; train.py strips them, older checkpoints may not.
-    return ".".join(p for p in key.split(".") if p != "module")
-
-
 def load_checkpoint(path: str) -> tuple[dict, dict]:
     """(state_dict, metadata) of a train.py checkpoint or of a bare state_dict file."""
-    ckpt = torch.load(path, map_location="cpu")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    if "state_dict" in ckpt:
-        meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}
-        return {_canonical(k): v for k, v in ckpt["state_dict"].items()}, meta
-    return {_canonical(k): v for k, v in ckpt.items()}, {}
+    ckpt = read_checkpoint(path, "report", require_state_dict=False)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}
+    return canonical_state_dict(ckpt["state_dict"]), meta
 
 
-def load_layers(state_dict: dict, quant: dict | None = None) -> list[LayerState]:
-    """The quantized layers of a state_dict, in the model's order."""
-    quant = quant or {}
+def load_layers(state_dict: dict, quant: dict | ModelQuantConfig | None = None) -> list[LayerState]:
+    """The quantized layers of a state_dict, in the model's order; bits from a checkpoint's "quant"."""
+    cfg = quant if isinstance(quant, ModelQuantConfig) else ModelQuantConfig.from_dict(quant)
+    bits = {kind: None if c is None else c.bits for kind, c in (("weight", cfg.weight), ("act", cfg.act))}
     found: dict[str, dict[str, dict]] = {}
     for key, value in state_dict.items():
         m = _KEY.match(key)
@@ -95,7 +89,7 @@ def load_layers(state_dict: dict, quant: dict | None = None) -> list[LayerState]
                 upper=fields["upper"].detach().float(),
                 alpha=fields["alpha"].detach().float() if "alpha" in fields else None,
                 initialized=bool(fields["initialized"]) if "initialized" in fields else True,
-                bits=quant.get("w_bits" if kind == "weight" else "a_bits"),
+                bits=bits[kind],
             )
             setattr(layer, kind, q)
         layers.append(layer)
@@ -152,15 +146,12 @@ def markdown_table(layers: list[LayerState]) -> str:
 
 
 def _describe(meta: dict) -> str:
-    quant = meta.get("quant") or {}
+    cfg = ModelQuantConfig.from_dict(meta.get("quant"))
     parts = []
     if "arch" in meta:
         parts.append(f"arch {meta['arch']}")
-    if quant.get("method"):
-        q = f"{'DSQ' if quant['method'] == 'dsq' else 'uniform'} W{quant.get('w_bits')}"
-        q += f"A{quant['a_bits']}" if quant.get("a_bits") is not None else " (activations float)"
-        parts.append(q + (", per-channel weights" if quant.get("per_channel") else ""))
-        parts.append(f"bounds {quant.get('bounds')}")
+    if not cfg.is_float:
+        parts.append(cfg.describe())
     if "epoch" in meta:
         parts.append(f"epoch {meta['epoch']}")
     if "best_acc1" in meta:
@@ -300,10 +291,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         state, meta = load_checkpoint(args.checkpoint)
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"error: cannot read {args.checkpoint}: {e}", file=sys.stderr)
+        layers = load_layers(state, meta.get("quant"))
+    except (CheckpointError, TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    layers = load_layers(state, meta.get("quant"))
     header = _describe(meta)
     print(f"{args.checkpoint}" + (f": {header}" if header else ""))
     print()
@@ -315,7 +306,9 @@ def main(argv=None) -> int:
         print("\n* outside the range the kernels clamp alpha into (<= 0.5, and >= 2/(1+exp(1000*Delta)))")
     if args.plot:
         try:
-            alpha_init = (meta.get("quant") or {}).get("alpha_init")
+            first = ModelQuantConfig.from_dict(meta.get("quant"))
+            first = first.weight or first.act
+            alpha_init = first.alpha_init if first is not None and first.method == "dsq" else None
             name = plot(
                 layers, args.plot, args.layer, title=f"{args.checkpoint}: {header}", alpha_init=alpha_init
             )

@@ -1,114 +1,37 @@
-"""train.py end to end on a tiny ImageFolder, on CPU; plus dsq_ext.report and dsq_ext.datasets.
+"""train.py end to end on a tiny ImageFolder, on CPU; and its argument checks.
 
-The runs hide any GPU (CUDA_VISIBLE_DEVICES=""), so they check the same thing on
-every machine (the DDP test needs two CPU processes, not one per GPU); one test
-runs train.py on CUDA where a GPU is present.
-
-train.py runs as a subprocess (as a user runs it), one thread each so that the
-suite stays usable on a small shared machine. Argument checks run in-process
-against train.py's own parser, which is much faster than starting Python.
-The subprocess tests carry the `slow` mark (about a minute and a half in all
-on 2 cores); `make test` runs them.
+The subprocess runs carry the `slow` mark (about a minute and a half in all on
+2 cores); `make test` runs them. Argument checks run in-process against
+train.py's own parser, which is much faster than starting Python.
 """
 
-import gzip
-import importlib.util
-import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from train_helpers import (
+    ENV,
+    GPU_ENV,
+    REPO,
+    SMALL,
+    TRAIN,
+    W4A4,
+    _summary_acc1,
+    _test_lines,
+    load,
+    run_train,
+    slow,
+)
 
-from dsq_ext import datasets, report
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = str(REPO / "train.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-GPU_ENV = {k: v for k, v in ENV.items() if k != "CUDA_VISIBLE_DEVICES"}
-# 32 px, batch 8, no loader workers: a few seconds per epoch of the tiny set.
-SMALL = ["--image-size", "32", "-b", "8", "-j", "0", "-p", "1", "--seed", "0"]
-W4A4 = ["-q", "DSQ", "--quan_bit", "4", "--quantize_input"]
-
-slow = pytest.mark.slow
-
-
-def run_train(*args, timeout=300, check=True, env=ENV):
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    out = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        pytest.fail(f"train.py {' '.join(map(str, args))} exited with {proc.returncode}:\n{out[-6000:]}")
-    return proc.returncode, out
-
-
-def load(path):
-    return torch.load(path, map_location="cpu")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """4 classes, 8 train and 4 val grayscale 32x32 PNGs each; a class is a bright vertical band."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(4):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (32, 32)).astype(np.uint8)
-                img[:, c * 8 : (c + 1) * 8] += 180
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def train_script():
-    """train.py imported as a module, for its parser and helpers."""
-    spec = importlib.util.spec_from_file_location("dsq_train_script", TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def dsq_run(data, tmp_path_factory):
-    log = tmp_path_factory.mktemp("dsq")
-    _, out = run_train("-a", "resnet18", *W4A4, *SMALL, "--epochs", "1", "--log_path", log, data)
-    return log, out
-
-
-@pytest.fixture(scope="module")
-def float_run(data, tmp_path_factory):
-    log = tmp_path_factory.mktemp("float")
-    _, out = run_train("-a", "resnet18", *SMALL, "--epochs", "1", "--log_path", log, data)
-    return log, out
-
-
-def _test_lines(out):
-    # The validation lines without their timings: loss and accuracy of every batch.
-    lines = [line for line in out.splitlines() if line.startswith("Test:")]
-    return [re.sub(r"Time\s+\S+ \(\s*\S+\)", "", line) for line in lines]
-
-
-def _summary_acc1(out):
-    return [float(m) for m in re.findall(r"^ \*\s+Acc@1 ([0-9.]+)", out, re.M)]
-
+import dsq_ext
+import dsq_ext.checkpoint
+from dsq_ext import report
 
 # ---------------------------------------------------------------------------------------
 # One epoch, checkpoints, TensorBoard
@@ -125,16 +48,9 @@ def test_dsq_w4a4_one_epoch(dsq_run):
     assert not [p for p in log.iterdir() if p.name.endswith(".tmp")], "temp files left behind"
     ckpt = load(log / "checkpoint.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18" and ckpt["image_size"] == 32
-    assert ckpt["quant"] == {
-        "method": "dsq",
-        "w_bits": 4,
-        "a_bits": 4,
-        "per_channel": False,
-        "quantize_first_last": False,
-        "bounds": "learned",
-        "alpha_init": 0.2,
-        "act_percentile": None,
-    }
+    w, a = dsq_ext.layer_configs("dsq", 4, 4)
+    assert ckpt["quant"] == dsq_ext.ModelQuantConfig(weight=w, act=a).to_dict()
+    assert ckpt["quant"]["format"] == 2 and ckpt["quant"]["act"]["bits"] == 4
     sd = ckpt["state_dict"]
     assert not any(k.startswith("module.") for k in sd)
     # The first and last layers stay float.
@@ -181,8 +97,8 @@ def test_uniform_one_epoch(data, tmp_path):
     )  # fmt: skip
     assert "-q uniform --w-bits 4 --a-bits 8 --bounds learned" in out
     ckpt = load(tmp_path / "model_best.pth.tar")
-    assert ckpt["quant"]["method"] == "uniform"
-    assert (ckpt["quant"]["w_bits"], ckpt["quant"]["a_bits"]) == (4, 8)
+    cfg = dsq_ext.ModelQuantConfig.from_dict(ckpt["quant"])
+    assert (cfg.method, cfg.weight.bits, cfg.act.bits) == ("uniform", 4, 8)
     assert not any(k.endswith("_quantizer.alpha") for k in ckpt["state_dict"])
 
     layers = report.load_layers(ckpt["state_dict"], ckpt["quant"])
@@ -215,6 +131,18 @@ def test_evaluate_reproduces_best_acc(dsq_run, data):
     assert _summary_acc1(out) == [best["best_acc1"]]
     # Not just the accuracy: every batch's loss is the one seen in training's validation.
     assert _test_lines(out) == _test_lines(train_out)
+
+
+@slow
+def test_a_truncated_image_names_its_file(data, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(data, broken)
+    png = broken / "train" / "class2" / "3.png"
+    png.write_bytes(png.read_bytes()[:200])
+    code, out = run_train(
+        "-a", "resnet18", *SMALL, "--epochs", "1", "--log_path", tmp_path / "log", broken, check=False
+    )
+    assert code != 0 and f"cannot read image {png}" in out, out[-3000:]
 
 
 @slow
@@ -276,7 +204,7 @@ def test_ddp_two_processes_keep_quantizers_identical(data, tmp_path, train_scrip
     assert set(digests) == {"0", "1"}, out[-3000:]
     ckpt = load(tmp_path / "checkpoint.pth.tar")
     # Each rank hashed what it holds; rank 0 saved the checkpoint. All three agree.
-    assert digests["0"] == digests["1"] == train_script.quantizer_digest(ckpt["state_dict"])
+    assert digests["0"] == digests["1"] == dsq_ext.checkpoint.quantizer_digest(ckpt["state_dict"])
     assert bool(ckpt["state_dict"]["layer1.0.conv1.act_quantizer.initialized"])
 
 
@@ -284,7 +212,7 @@ def test_ddp_two_processes_keep_quantizers_identical(data, tmp_path, train_scrip
 def test_init_from_float_checkpoint(float_run, data, tmp_path):
     flog, fout = float_run
     fckpt = load(flog / "checkpoint.pth.tar")
-    assert fckpt["quant"] == {"method": None}
+    assert dsq_ext.ModelQuantConfig.from_dict(fckpt["quant"]).is_float
     assert not any("_quantizer." in k for k in fckpt["state_dict"])
     # lr 0: nothing moves, so what the checkpoint holds is what --init-from started from.
     _, out = run_train(
@@ -293,7 +221,7 @@ def test_init_from_float_checkpoint(float_run, data, tmp_path):
     )  # fmt: skip
     assert "=> float weights from" in out
     ckpt = load(tmp_path / "checkpoint.pth.tar")
-    assert ckpt["quant"]["method"] == "dsq"
+    assert dsq_ext.ModelQuantConfig.from_dict(ckpt["quant"]).method == "dsq"
     sd, fsd = ckpt["state_dict"], fckpt["state_dict"]
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight", "fc.weight", "fc.bias"):
         assert torch.equal(sd[name], fsd[name]), name
@@ -301,41 +229,6 @@ def test_init_from_float_checkpoint(float_run, data, tmp_path):
     w = fsd["layer1.0.conv1.weight"]
     assert sd["layer1.0.conv1.weight_quantizer.lower"] == w.min()
     assert sd["layer1.0.conv1.weight_quantizer.upper"] == w.max()
-
-
-# ---------------------------------------------------------------------------------------
-# The report
-
-
-@slow
-def test_report_table_and_plot(dsq_run, tmp_path, capsys):
-    log, _ = dsq_run
-    best, png = str(log / "model_best.pth.tar"), tmp_path / "alpha.png"
-    assert report.main([best, "--plot", str(png), "--layer", "layer2.0.downsample.0"]) == 0
-    out = capsys.readouterr().out
-    assert "arch resnet18, DSQ W4A4, bounds learned, epoch 1" in out
-    rows = [line for line in out.splitlines() if re.match(r"\| layer\d", line)]
-    assert len(rows) == 19 and rows[0].startswith("| layer1.0.conv1 | 4 | 0.")
-    assert "staircases of layer2.0.downsample.0" in out
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-
-    assert report.main([best, "--plot", str(png), "--layer", "nope"]) == 2
-    assert "no quantized layer 'nope'" in capsys.readouterr().err
-
-
-def test_soft_staircase_matches_the_paper():
-    x = torch.linspace(-1.5, 1.5, 601)
-    hard, soft = report.soft_staircase(x, -1.0, 1.0, 0.2, 2)
-    delta = 2.0 / 3
-    levels = -1.0 + delta * torch.arange(4, dtype=torch.float64)
-    assert all(torch.isclose(levels, v).any() for v in hard.unique())
-    # phi meets the hard levels at interval edges and passes through the midpoints at their centres.
-    edges = torch.tensor([-1.0, -1.0 + delta, 1.0 - delta, 1.0])
-    h, s = report.soft_staircase(edges, -1.0, 1.0, 0.2, 2)
-    assert torch.allclose(s, edges.double(), atol=1e-6)
-    centre = torch.tensor([-1.0 + delta / 2])
-    assert report.soft_staircase(centre, -1.0, 1.0, 0.2, 2)[1].item() == pytest.approx(-1.0 + delta / 2)
-    assert (soft[x < -1] == -1).all() and (soft[x > 1] == 1).all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +247,10 @@ def _reject(train_script, capsys, argv):
     "argv, message",
     [
         (["-q", "foo", "d"], "argument -q/--quantize: invalid choice: 'foo' (choose from DSQ, uniform"),
-        (["-q", "DSQ", "--quan_bit", "9", "d"], "--quan_bit: bit width must be an integer in 1..8, got '9'"),
+        (
+            ["-q", "DSQ", "--quan_bit", "9", "d"],
+            "--quan_bit/--quan-bit: bit width must be an integer in 1..8, got '9'",
+        ),
         (["-q", "DSQ", "--w-bits", "0", "d"], "--w-bits: bit width must be an integer in 1..8, got '0'"),
         (["--quan_bit", "4", "--quantize_input", "d"], "--quan_bit, --quantize_input only apply with -q"),
         (["-q", "uniform", "--alpha-init", "0.1", "d"], "--alpha-init applies to -q DSQ only"),
@@ -364,6 +260,15 @@ def _reject(train_script, capsys, argv):
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
         (["--act-percentile", "99", "d"], "--act-percentile only apply with -q"),
         (["-q", "DSQ", "--act-percentile", "99", "d"], "--act-percentile needs quantized activations"),
+        (["--lr", "nan", "d"], "--lr must be a finite number >= 0, got nan"),
+        (["--lr", "inf", "d"], "--lr must be a finite number >= 0, got inf"),
+        (["--lr", "-0.1", "d"], "--lr must be a finite number >= 0, got -0.1"),
+        (["--epochs", "0", "d"], "--epochs must be >= 1 (the number of epochs to train), got 0"),
+        (["--epochs", "-2", "d"], "--epochs must be >= 1 (the number of epochs to train), got -2"),
+        (
+            ["-q", "DSQ", "--resume", "/nonexistent.pth.tar", "d"],
+            "--resume /nonexistent.pth.tar: no such file",
+        ),
         (
             ["-q", "DSQ", "--quantize_input", "--act-percentile", "40", "d"],
             "a percentile in (50, 100], got '40'",
@@ -380,18 +285,18 @@ def test_quantization_flags_resolve(train_script):
         train_script.check_args(args)
         return train_script.quant_config(args)
 
-    assert parsed() == {"method": None}
+    assert parsed().is_float
     cfg = parsed("-q", "dsq")  # the seed's defaults: 8-bit weights, float activations
-    assert (cfg["w_bits"], cfg["a_bits"], cfg["bounds"], cfg["alpha_init"]) == (8, None, "learned", 0.2)
+    assert (cfg.weight.bits, cfg.act, cfg.weight.bounds, cfg.weight.alpha_init) == (8, None, "learned", 0.2)
     cfg = parsed("-q", "Dsq", "--quan_bit", "3", "--quantize_input", "--w-bits", "2", "--bounds", "ema")
-    assert (cfg["method"], cfg["w_bits"], cfg["a_bits"], cfg["bounds"]) == ("dsq", 2, 3, "ema")
-    assert parsed("-q", "DSQ", "--a-bits", "4")["a_bits"] == 4  # --a-bits implies --quantize_input
-    cfg = parsed("-q", "uniform", "--quan_bit", "2", "--quantize_input", "--act-percentile", "99")
-    assert cfg["act_percentile"] == 99.0
-    args = train_script.parser.parse_args(["-q", "DSQ", "--quantize_input", "--act-percentile", "99.9", "d"])
-    train_script.check_args(args)
-    assert train_script.quantize_kwargs(args)["act_percentile"] == 99.9
+    assert (cfg.method, cfg.weight.bits, cfg.act.bits, cfg.act.bounds) == ("dsq", 2, 3, "ema")
+    assert parsed("-q", "DSQ", "--a-bits", "4").act.bits == 4  # --a-bits implies --quantize_input
+    cfg = parsed("-q", "uniform", "--quan-bit", "2", "--quantize-input", "--act-percentile", "99")
+    assert cfg.act.percentile == 99.0 and cfg.weight.percentile is None and cfg.weight.bits == 2
     assert "--act-percentile 99" in train_script.describe_config(cfg)
+    assert parsed("-q", "DSQ", "--quantize-first-last").skip_first is False
+    args = train_script.parser.parse_args(["-q", "DSQ", "--log-path", "somewhere", "d"])
+    assert args.log_path == "somewhere"
 
 
 @slow
@@ -400,7 +305,7 @@ def test_resume_with_another_config_is_rejected(dsq_run, train_script, capsys):
     ckpt = str(log / "checkpoint.pth.tar")
     uniform = ["-q", "uniform", "--quan_bit", "4", "--quantize_input"]
     err = _reject(train_script, capsys, [*uniform, "--resume", ckpt, "d"])
-    assert "was written by a different configuration (differs in method)" in err
+    assert "was written by a different configuration (differs in weight.method, act.method)" in err
     assert "checkpoint: -a resnet18 -q DSQ --w-bits 4 --a-bits 4 --bounds learned" in err
     err = _reject(train_script, capsys, ["--resume", ckpt, "-e", "d"])  # the float model
     assert "different configuration" in err and "this run:   -a resnet18 (float, no -q)" in err
@@ -413,63 +318,3 @@ def test_pretrained_without_cached_weights_fails_clearly(train_script, capsys, m
     err = _reject(train_script, capsys, ["--pretrained", "-a", "resnet18", "d"])
     assert "not in torch's hub cache" in err and "does not download" in err
     assert "resnet18-f37072fd.pth" in err
-
-
-def test_atomic_save_keeps_the_previous_file(train_script, tmp_path):
-    path = tmp_path / "checkpoint.pth.tar"
-    train_script.atomic_save({"epoch": 1}, str(path))
-
-    class Unsaveable:
-        def __reduce__(self):
-            raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError, match="interrupted"):
-        train_script.atomic_save({"epoch": 2, "x": Unsaveable()}, str(path))
-    assert torch.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth.tar"]
-
-
-# ---------------------------------------------------------------------------------------
-# Fashion-MNIST as an ImageFolder
-
-
-def _write_idx(path, array, gz):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_image_folder(tmp_path, capsys):
-    src = tmp_path / "idx"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    train_x, train_y = rng.integers(0, 256, (12, 28, 28)), np.arange(12) % 10
-    val_x, val_y = rng.integers(0, 256, (5, 28, 28)), np.array([9, 0, 3, 3, 1])
-    _write_idx(src / "train-images-idx3-ubyte.gz", train_x, gz=True)
-    _write_idx(src / "train-labels-idx1-ubyte.gz", train_y, gz=True)
-    _write_idx(src / "t10k-images-idx3-ubyte", val_x, gz=False)  # plain IDX works too
-    _write_idx(src / "t10k-labels-idx1-ubyte", val_y, gz=False)
-
-    out = tmp_path / "fm"
-    assert datasets.main(["fashion-mnist", str(out), "--source", str(src), "-j", "1"]) == 0
-    assert sorted(p.name for p in (out / "train").iterdir()) == list(datasets.FASHION_MNIST_CLASSES)
-    img = Image.open(out / "val" / "3_dress" / "00003.png")
-    assert img.mode == "L" and (np.asarray(img) == val_x[3]).all()
-    assert len(list((out / "train").rglob("*.png"))) == 12
-
-    # Idempotent: a second run finds both splits complete and writes nothing.
-    before = os.stat(out / "val" / "3_dress" / "00003.png").st_mtime_ns
-    assert datasets.main(["fashion-mnist", str(out), "--source", str(src)]) == 0
-    assert "already complete" in capsys.readouterr().out
-    assert os.stat(out / "val" / "3_dress" / "00003.png").st_mtime_ns == before
-
-    import torchvision
-
-    ds = torchvision.datasets.ImageFolder(str(out / "val"), allow_empty=True)  # 5 images, 4 classes
-    assert ds[0][0].mode == "RGB" and ds.targets == sorted(val_y.tolist())
-
-
-def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path, capsys):
-    assert datasets.main(["fashion-mnist", str(tmp_path / "out"), "--source", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "train-images-idx3-ubyte[.gz]" in err and "apt-get install dataset-fashion-mnist" in err
