@@ -31,6 +31,7 @@ from torch.utils.data import Subset
 
 import dsq_ext  # --- dsq_ext
 import dsq_ext.checkpoint  # --- dsq_ext
+import dsq_ext.datasets  # --- dsq_ext
 import dsq_ext.monitor  # --- dsq_ext
 
 model_names = sorted(name for name in models.__dict__
@@ -353,28 +354,12 @@ def main_worker(gpu, ngpus_per_node, args):
     else:
         traindir = os.path.join(args.data, 'train')
         valdir = os.path.join(args.data, 'val')
-        normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406],
-                                     std=[0.229, 0.224, 0.225])
-
-        # ImageFolder's loader converts every image to RGB: grayscale data needs no change.
-        train_dataset = datasets.ImageFolder(
-            traindir,
-            transforms.Compose([
-                transforms.RandomResizedCrop(size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                normalize,
-            ]))
-
-        val_dataset = datasets.ImageFolder(
-            valdir,
-            transforms.Compose([
-                transforms.Resize(int(size / 0.875)),
-                transforms.CenterCrop(size),
-                transforms.ToTensor(),
-                normalize,
-            ]))
-        # --- dsq_ext: an unreadable (e.g. truncated) image names its file
+        # --- dsq_ext: the example's transforms at --image-size (one definition, shared
+        # with experiments/); ImageFolder's loader converts every image to RGB, so
+        # grayscale data needs no change.
+        train_dataset = datasets.ImageFolder(traindir, dsq_ext.datasets.train_transform(size))
+        val_dataset = datasets.ImageFolder(valdir, dsq_ext.datasets.val_transform(size))
+        # an unreadable (e.g. truncated) image names its file
         name_unreadable_images(train_dataset)
         name_unreadable_images(val_dataset)
         # --- end dsq_ext

@@ -20,7 +20,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-__all__ = ["FASHION_MNIST_CLASSES", "read_idx", "write_image_folder", "prepare_fashion_mnist"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "read_idx",
+    "write_image_folder",
+    "prepare_fashion_mnist",
+    "train_transform",
+    "val_transform",
+]
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
@@ -40,6 +47,38 @@ FASHION_MNIST_FILES = {
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# The ImageNet example's normalisation (ImageNet's channel means and standard deviations).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def train_transform(size: int):
+    """The ImageNet example's training transform at size x size: random-resized crop, flip, normalise."""
+    import torchvision.transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def val_transform(size: int):
+    """The ImageNet example's validation transform: resize to size/0.875, centre-crop size, normalise."""
+    import torchvision.transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(int(size / 0.875)),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -31,6 +31,7 @@ __all__ = [
     "DSQConv2d",
     "DSQLinear",
     "quantize_model",
+    "quantizable_layers",
     "quantized_modules",
     "quantizer_parameters",
     "param_groups",
@@ -363,16 +364,21 @@ def quantize_model(
             "quantize_model swaps the layers inside a model; use DSQConv2d.from_float for one layer"
         )
     w, a = resolve_layer_configs(weight_config, act_config, args, kwargs)
-    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
-    first = 1 if skip_first else 0
-    last = len(candidates) - (1 if skip_last else 0)
-    for name, mod in candidates[first:last]:
-        if filter_fn is not None and not filter_fn(mod, name):
-            continue
+    for name, mod in quantizable_layers(
+        model, skip_first=skip_first, skip_last=skip_last, filter_fn=filter_fn
+    ):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _SWAPS[type(mod)].from_float(mod, weight_config=w, act_config=a))
     return model
+
+
+def quantizable_layers(model: nn.Module, *, skip_first=True, skip_last=True, filter_fn=None):
+    """(name, layer) for the nn.Conv2d / nn.Linear that quantize_model would swap, in order."""
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
+    first = 1 if skip_first else 0
+    last = len(candidates) - (1 if skip_last else 0)
+    return [(n, m) for n, m in candidates[first:last] if filter_fn is None or filter_fn(m, n)]
 
 
 def quantized_modules(model: nn.Module):

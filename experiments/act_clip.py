@@ -9,9 +9,11 @@ of 128 with train.py's training augmentation (not the exact batch train.py's loa
 draws for that seed), runs it in training mode, and for every conv and linear that
 quantize_model would quantize (all but the stem conv and the classifier) measures the
 mean squared error of uniform quantization of its input at each candidate upper bound
-(the lower bound is the batch min: these inputs follow a ReLU, so it is 0, as is
-their 1st percentile), relative to the mean square of the input. Prints the geometric
-mean over layers, per seed, bit width and candidate.
+(the lower bound is the matching low percentile, or the min: these inputs follow a ReLU,
+so it is 0 either way), relative to the mean square of the input. The quantizer is the
+package's own (a uniform dsq_ext.Quantizer with `percentile`, as train.py's
+--act-percentile builds it), so the bounds and the rounding are exactly training's.
+Prints the geometric mean over layers, per seed, bit width and candidate.
 """
 
 import argparse
@@ -20,17 +22,24 @@ import os
 
 import torch
 import torchvision
-import torchvision.transforms as T
 from torchvision import datasets
+
+import dsq_ext
+from dsq_ext.checkpoint import load_model_state, read_checkpoint
+from dsq_ext.datasets import train_transform
 
 CANDIDATES = (100.0, 99.99, 99.9, 99.5, 99.0)
 
 
-def quant_error(x, lo, hi, bits):
-    n = 2**bits - 1
-    delta = (hi - lo) / n
-    q = torch.round((x.clamp(lo, hi) - lo) / delta) * delta + lo
-    return ((q - x) ** 2).mean().item() / (x**2).mean().item()
+def quant_error(x, bits, percentile):
+    """Relative MSE of x quantized as train.py's first batch would be, with bounds from this batch."""
+    cfg = dsq_ext.QuantConfig(
+        bits=bits, method="uniform", percentile=None if percentile == 100 else percentile
+    )
+    q = dsq_ext.Quantizer(cfg, is_activation=True).train()
+    with torch.no_grad():
+        y = q(x)
+    return ((y - x) ** 2).mean().item() / (x**2).mean().item()
 
 
 def main():
@@ -39,17 +48,14 @@ def main():
     p.add_argument("--data", default="data/fashion-mnist")
     p.add_argument("--seeds", default="0,1,2")
     args = p.parse_args()
-    ckpt = torch.load(args.checkpoint, map_location="cpu")
     model = torchvision.models.resnet18()
-    model.load_state_dict(ckpt["state_dict"])
+    load_model_state(model, read_checkpoint(args.checkpoint, "act_clip.py")["state_dict"])
     model.train()  # the bounds are set in a training forward (batch-norm batch statistics)
-    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))][1:-1]
+    layers = [m for _, m in dsq_ext.quantizable_layers(model)]
     inputs = {}
     for i, m in enumerate(layers):
         m.register_forward_pre_hook(lambda mod, a, i=i: inputs.__setitem__(i, a[0].detach()))
-    tf = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])  # fmt: skip
-    ds = datasets.ImageFolder(os.path.join(args.data, "train"), tf)
+    ds = datasets.ImageFolder(os.path.join(args.data, "train"), train_transform(32))
     print(
         f"{len(layers)} quantized layers; relative MSE of the first batch's inputs, geometric mean over layers"
     )
@@ -64,16 +70,7 @@ def main():
         for bits in (2, 4):
             cells = []
             for c in CANDIDATES:
-                logs = []
-                for i in range(len(layers)):
-                    a = inputs[i]
-                    lo = a.min()
-                    hi = (
-                        a.max()
-                        if c == 100
-                        else torch.quantile(a.flatten()[:: max(1, a.numel() // 2**20)], c / 100)
-                    )
-                    logs.append(math.log(quant_error(a, lo, hi, bits)))
+                logs = [math.log(quant_error(inputs[i], bits, c)) for i in range(len(layers))]
                 cells.append(f"{math.exp(sum(logs) / len(logs)):.4f}")
             print(f"| {seed} | {bits} | " + " | ".join(cells) + " |")
 

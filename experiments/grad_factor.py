@@ -22,10 +22,11 @@ import sys
 
 import torch
 import torchvision
-import torchvision.transforms as T
 
 import dsq_ext
 from dsq_ext import ops
+from dsq_ext.checkpoint import quant_config_of, read_checkpoint
+from dsq_ext.datasets import val_transform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,43 +38,27 @@ def main():
     p.add_argument("-n", type=int, default=256)
     args = p.parse_args()
     torch.manual_seed(0)
-    size = 32
-    tf = T.Compose(
-        [
-            T.Resize(int(size / 0.875)),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]
-    )
-    ds = torchvision.datasets.ImageFolder(os.path.join(args.data, "val"), tf)
+    ds = torchvision.datasets.ImageFolder(os.path.join(args.data, "val"), val_transform(32))
     idx = torch.randperm(len(ds))[: args.n].tolist()
     x = torch.stack([ds[i][0] for i in idx])
 
     for path in args.checkpoints:
-        ckpt = torch.load(path, map_location="cpu")
-        q = ckpt["quant"]
-        if q["method"] != "dsq":
+        ckpt = read_checkpoint(path, "grad_factor.py")
+        cfg = quant_config_of(ckpt, path)
+        if cfg.method != "dsq":
             sys.exit(f"{path}: not a DSQ checkpoint")
-        model = torchvision.models.resnet18()
-        dsq_ext.quantize_model(
-            model,
-            method="dsq",
-            w_bits=q["w_bits"],
-            a_bits=q["a_bits"],
-            per_channel=q["per_channel"],
-            bounds=q["bounds"],
-            alpha_init=q["alpha_init"],
-        )
+        model = cfg.quantize(torchvision.models.resnet18())
         model.load_state_dict(ckpt["state_dict"])
         model.eval()
         rows = []
 
         def factor(t, quant):
-            lo, hi = torch.minimum(quant.lower, quant.upper), torch.maximum(quant.lower, quant.upper)
+            # dy/dx of the quantizer as training computes it (crossed learned bounds used sorted).
+            sort = quant.bounds == "learned"
             g = ops.dsq_quantize_backward(
-                torch.ones_like(t), t, lo.detach(), hi.detach(), quant.alpha.detach(), quant.bits
-            )[0]
+                torch.ones_like(t), t, quant.lower.detach(), quant.upper.detach(), quant.alpha.detach(),
+                quant.bits, 1.0, sort,
+            )[0]  # fmt: skip
             return g
 
         def hook(name):
@@ -103,7 +88,7 @@ def main():
             model(x)
         for h in handles:
             h.remove()
-        print(f"\n{path}: DSQ W{q['w_bits']}A{q['a_bits']}, {args.n} validation images")
+        print(f"\n{path}: {cfg.describe()}, {args.n} validation images")
         print(
             "| layer | mean dy/dx, activations > 0 inside [l, u] | share of activations > 0 inside [l, u] | share of those in the lowest half-interval | mean dy/dx, weights |"
         )

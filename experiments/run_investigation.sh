@@ -14,22 +14,11 @@
 #   experiments/run_investigation.sh --list
 #
 # Same conventions as run_study.sh (needs its float_s0 run); then run make_results.py.
-set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DATA=${DATA:-data/fashion-mnist}
-RUNS=${RUNS:-runs}
-export PYTHONUNBUFFERED=1
+source experiments/runs_lib.sh
 
-COMMON=(-a resnet18 --image-size 32 -b 128 -j 2)
-FLOAT_CKPT="$RUNS/float_s0/model_best.pth.tar"
-FT=(--lr 0.01 --init-from "$FLOAT_CKPT" -p 20)
 W2A2=(--quan_bit 2 --quantize_input)
-
-NAMES=()
-declare -A ARGS
-add() { NAMES+=("$1"); ARGS[$1]="$2"; }
 
 add uniform_w2a2_s2     "-q uniform ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
 add dsq_w2a2_s2         "-q DSQ ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
@@ -39,4 +28,4 @@ add dsq_w2a2_a05_s2     "-q DSQ ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} 
 add uniform_w2a2_ep2_s0 "-q uniform ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
 add dsq_w2a2_ep2_s0     "-q DSQ ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
 
-source experiments/runs_lib.sh
+runs_main "$@"

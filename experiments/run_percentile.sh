@@ -15,23 +15,12 @@
 #   experiments/run_percentile.sh --list
 #
 # Same conventions as run_study.sh (needs its float_s0 run); then run make_results.py.
-set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DATA=${DATA:-data/fashion-mnist}
-RUNS=${RUNS:-runs}
-export PYTHONUNBUFFERED=1
+source experiments/runs_lib.sh
 
-COMMON=(-a resnet18 --image-size 32 -b 128 -j 2)
-FLOAT_CKPT="$RUNS/float_s0/model_best.pth.tar"
-FT=(--lr 0.01 --init-from "$FLOAT_CKPT" -p 20)
 W2A2=(--quan_bit 2 --quantize_input --act-percentile 99)
 W4A4=(--quan_bit 4 --quantize_input --act-percentile 99.9)
-
-NAMES=()
-declare -A ARGS
-add() { NAMES+=("$1"); ARGS[$1]="$2"; }
 
 for s in 0 1 2; do
     add uniform_w2a2_p99_s$s "-q uniform ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
@@ -59,4 +48,4 @@ done
 add uniform_w2a2_p99_ep3_s2 "-q uniform ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
 add dsq_w2a2_p99_ep3_s2     "-q DSQ ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
 
-source experiments/runs_lib.sh
+runs_main "$@"

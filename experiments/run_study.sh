@@ -12,28 +12,12 @@
 # reads runs/ and writes the tables and figures.
 #
 # The run machinery is experiments/runs_lib.sh.
-# Environment: PYTHON (default .venv/bin/python), DATA (default data/fashion-mnist,
-# `make data` writes it), RUNS (default runs).
-set -euo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DATA=${DATA:-data/fashion-mnist}
-RUNS=${RUNS:-runs}
-export PYTHONUNBUFFERED=1  # train.log fills as the run goes, not in 4 KiB blocks
+source experiments/runs_lib.sh
 
-# The same model, input size, batch and loader workers for every run.
-COMMON=(-a resnet18 --image-size 32 -b 128 -j 2)
-FLOAT_CKPT="$RUNS/float_s0/model_best.pth.tar"
-# Fine-tuning: one epoch at lr 0.01 from the float checkpoint, the same for both methods.
-# -p 20 (print every 20 steps) gives make_results.py a finer training curve than the
-# one-point-per-epoch TensorBoard events; it changes nothing else.
-FINETUNE=(--epochs 1 --lr 0.01 --init-from "$FLOAT_CKPT" -p 20)
-
-# name -> extra train.py arguments. Order = order of execution (the float run must be first).
-NAMES=()
-declare -A ARGS
-add() { NAMES+=("$1"); ARGS[$1]="$2"; }
+# Fine-tuning: one epoch of runs_lib.sh's FT, the same for both methods; float_s0 first.
+FINETUNE=(--epochs 1 "${FT[@]}")
 
 add float_s0        "--epochs 2 --lr 0.1 --seed 0 -p 100"
 add uniform_w2a2_s0 "-q uniform --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 0"
@@ -48,4 +32,4 @@ add dsq_w3a3_s0     "-q DSQ --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 
 # the quantized rows are compared with a float model of the same total training.
 add float_ft1_s0    "${FINETUNE[*]} --seed 0"
 
-source experiments/runs_lib.sh
+runs_main "$@"
