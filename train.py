@@ -119,6 +119,7 @@ _bits = _checked(int, lambda b: 1 <= b <= 8, "bit width must be an integer in 1.
 _alpha = _checked(float, lambda a: 0.0 < a <= 0.5, "DSQ's alpha must be in (0, 0.5]")
 _percentile = _checked(float, lambda p: 50.0 < p <= 100.0, "a percentile in (50, 100]")
 _positive = _checked(int, lambda n: n >= 1, "expected a positive integer")
+_scale = _checked(float, lambda k: 0.0 <= k < float("inf"), "a learning-rate scale must be a finite number >= 0")
 
 
 # Processes per node on CPU, where there is no GPU count to take it from.
@@ -152,6 +153,11 @@ quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
 quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
+quant.add_argument('--alpha-lr-scale', default=None, type=_scale, metavar='K',
+                   help="DSQ's alpha learns at K times --lr (0 keeps it at --alpha-init; default: 1)")
+quant.add_argument('--bounds-lr-scale', default=None, type=_scale, metavar='K',
+                   help='learned bounds learn at K times --lr (0 keeps them at their first-batch '
+                        'values; default: 1)')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -319,7 +325,8 @@ def main_worker(gpu, ngpus_per_node, args):
     criterion = nn.CrossEntropyLoss().to(device)
 
     # --- dsq_ext: no weight decay on the quantizers' lower, upper and alpha
-    optimizer = torch.optim.SGD(dsq_ext.param_groups(model, args.weight_decay), args.lr,
+    # and the learning-rate scales of alpha and the bounds (--alpha-lr-scale, --bounds-lr-scale)
+    optimizer = torch.optim.SGD(dsq_ext.param_groups(model, args.weight_decay, args.lr), args.lr,
                                 momentum=args.momentum,
                                 weight_decay=args.weight_decay)
 
@@ -687,6 +694,8 @@ def check_args(args):
             ("--bounds", args.bounds),
             ("--alpha-init", args.alpha_init),
             ("--act-percentile", args.act_percentile),
+            ("--alpha-lr-scale", args.alpha_lr_scale),
+            ("--bounds-lr-scale", args.bounds_lr_scale),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:
@@ -694,8 +703,8 @@ def check_args(args):
                 f"{', '.join(orphans)} only apply with -q/--quantize {{DSQ,uniform}}; "
                 "without -q the float model trains"
             )
-    elif args.quantize == "uniform" and args.alpha_init is not None:
-        parser.error("--alpha-init applies to -q DSQ only (uniform quantization has no alpha)")
+    elif args.quantize == "uniform" and (args.alpha_init is not None or args.alpha_lr_scale is not None):
+        parser.error("--alpha-init and --alpha-lr-scale apply to -q DSQ only (uniform quantization has no alpha)")
     if args.quantize:
         quan_bit = 8 if args.quan_bit is None else args.quan_bit
         args.w_bits = quan_bit if args.w_bits is None else args.w_bits
@@ -785,9 +794,9 @@ def quant_config(args):
     if not args.quantize:
         return dsq_ext.ModelQuantConfig()
     common = {"method": args.quantize}
-    for flag, field in (("bounds", "bounds"), ("alpha_init", "alpha_init")):
-        if getattr(args, flag) is not None:
-            common[field] = getattr(args, flag)
+    for field in ("bounds", "alpha_init", "alpha_lr_scale", "bounds_lr_scale"):
+        if getattr(args, field) is not None:
+            common[field] = getattr(args, field)
     weight, act = dsq_ext.layer_configs(
         w_bits=args.w_bits,
         a_bits=args.a_bits,
@@ -813,6 +822,9 @@ def describe_config(cfg):
     flags += ["--bounds", first.bounds]
     if a is not None and a.percentile is not None:
         flags += ["--act-percentile", f"{a.percentile:g}"]
+    for flag, field in (("--alpha-lr-scale", "alpha_lr_scale"), ("--bounds-lr-scale", "bounds_lr_scale")):
+        if getattr(first, field) != 1.0:
+            flags += [flag, f"{getattr(first, field):g}"]
     return " ".join(flags)
 
 

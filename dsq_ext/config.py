@@ -65,6 +65,10 @@ class QuantConfig:
     # Scale the gradients of lower, upper and alpha by 1/sqrt(elements per
     # channel * (2^b - 1)), as LSQ does (see dsq_ext.nn).
     grad_scale: bool = True
+    # Learning-rate multipliers of alpha and of the bounds, applied by
+    # dsq_ext.param_groups (0 freezes them at their initial values).
+    alpha_lr_scale: float = 1.0
+    bounds_lr_scale: float = 1.0
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -81,6 +85,11 @@ class QuantConfig:
             raise ValueError(f"alpha_init must be in (0, 0.5], got {self.alpha_init!r}")
         if not (_is_real(self.momentum) and 0.0 < self.momentum <= 1.0):
             raise ValueError(f"momentum must be in (0, 1], got {self.momentum!r}")
+        for name in ("alpha_lr_scale", "bounds_lr_scale"):
+            v = getattr(self, name)
+            if not (_is_real(v) and 0.0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
         if self.percentile is not None and not (
             _is_real(self.percentile) and 50.0 < self.percentile <= 100.0 and math.isfinite(self.percentile)
         ):

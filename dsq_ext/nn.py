@@ -391,11 +391,31 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups: the model's weights with weight_decay, quantizer parameters without."""
-    quant = {id(p) for p in quantizer_parameters(model)}
-    rest = [p for p in model.parameters() if id(p) not in quant]
-    return [
-        {"params": rest, "weight_decay": weight_decay},
-        {"params": [p for p in model.parameters() if id(p) in quant], "weight_decay": 0.0},
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Optimizer parameter groups: the weights with weight_decay; quantizer parameters without.
+
+    When every quantizer's alpha_lr_scale and bounds_lr_scale is 1 (the default):
+    two groups, [weights, quantizer parameters], the layout of checkpoints written
+    before the scales existed. Otherwise the quantizer parameters are grouped by
+    scale, each group with learning rate lr * scale (lr is then required; a scale
+    of 0 freezes them). Under SGD, with or without momentum, and no weight decay,
+    multiplying a group's learning rate by k is the same as multiplying its
+    gradients by k.
+    """
+    by_scale: dict[float, list] = {}
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            for name, p in m.named_parameters(recurse=False):
+                scale = m.config.alpha_lr_scale if name == "alpha" else m.config.bounds_lr_scale
+                by_scale.setdefault(scale, []).append(p)
+    ids = {id(p) for ps in by_scale.values() for p in ps}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": weight_decay}]
+    if set(by_scale) <= {1.0}:
+        return groups + [{"params": [p for p in model.parameters() if id(p) in ids], "weight_decay": 0.0}]
+    if lr is None:
+        raise ValueError(
+            "param_groups: lr is needed when a quantizer's alpha_lr_scale or bounds_lr_scale is not 1"
+        )
+    return groups + [
+        {"params": by_scale[scale], "weight_decay": 0.0, "lr": lr * scale} for scale in sorted(by_scale)
     ]

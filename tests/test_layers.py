@@ -189,6 +189,49 @@ def test_param_groups_keep_quantizer_parameters_out_of_weight_decay():
     assert n == len(list(model.parameters()))
 
 
+def test_param_groups_scale_alpha_and_bounds_learning_rates():
+    torch.manual_seed(0)
+    layer = DSQConv2d(4, 8, 3, w_bits=2, a_bits=2, alpha_lr_scale=0.0, bounds_lr_scale=10.0)
+    groups = dsq_ext.param_groups(layer, 1e-4, lr=0.01)
+    assert [(len(g["params"]), g.get("lr")) for g in groups] == [(2, None), (2, 0.0), (4, 0.1)]
+    assert all(g["weight_decay"] == 0.0 for g in groups[1:])
+    with pytest.raises(ValueError, match="lr is needed"):
+        dsq_ext.param_groups(layer, 1e-4)
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+    x = torch.randn(4, 4, 6, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    # alpha_lr_scale 0 keeps alpha at its initial value; the bounds moved.
+    for q in (layer.weight_quantizer, layer.act_quantizer):
+        assert q.alpha.grad.abs().item() > 0 and torch.equal(q.alpha.detach(), torch.tensor(0.2))
+    assert layer.act_quantizer.upper.grad.abs().item() > 0
+
+
+def test_an_lr_scale_is_a_gradient_scale_under_sgd():
+    # The same three steps with lr scale k, and with lr scale 1 and the gradients of
+    # the quantizer parameters multiplied by k: the same parameters (to rounding).
+    def run(scale_lr):
+        torch.manual_seed(0)
+        k = 100.0
+        layer = DSQLinear(6, 5, w_bits=3, a_bits=3, **({"alpha_lr_scale": k} if scale_lr else {}))
+        opt = torch.optim.SGD(dsq_ext.param_groups(layer, 0.0, lr=0.05), lr=0.05, momentum=0.9)
+        x = torch.randn(16, 6)
+        for _ in range(3):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            if not scale_lr:
+                for q in (layer.weight_quantizer, layer.act_quantizer):
+                    q.alpha.grad *= k
+            opt.step()
+        return torch.stack([layer.weight_quantizer.alpha, layer.act_quantizer.alpha]).detach()
+
+    a, b = run(True), run(False)
+    assert not torch.equal(a, torch.full_like(a, 0.2))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
     # The ImageNet example's lr 0.1 (momentum 0.9): with the layers' gradient
     # scaling, alpha, lower and upper stay finite and alpha stays usable.

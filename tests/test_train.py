@@ -253,13 +253,22 @@ def _reject(train_script, capsys, argv):
         ),
         (["-q", "DSQ", "--w-bits", "0", "d"], "--w-bits: bit width must be an integer in 1..8, got '0'"),
         (["--quan_bit", "4", "--quantize_input", "d"], "--quan_bit, --quantize_input only apply with -q"),
-        (["-q", "uniform", "--alpha-init", "0.1", "d"], "--alpha-init applies to -q DSQ only"),
+        (
+            ["-q", "uniform", "--alpha-init", "0.1", "d"],
+            "--alpha-init and --alpha-lr-scale apply to -q DSQ only",
+        ),
         (["-q", "DSQ", "--alpha-init", "0.7", "d"], "DSQ's alpha must be in (0, 0.5], got '0.7'"),
         (["-q", "DSQ", "--bounds", "minmax", "d"], "argument --bounds: invalid choice: 'minmax'"),
         (["-q", "DSQ", "--quantize_input", "-e", "d"], "--evaluate of a model with quantized activations"),
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
         (["--act-percentile", "99", "d"], "--act-percentile only apply with -q"),
         (["-q", "DSQ", "--act-percentile", "99", "d"], "--act-percentile needs quantized activations"),
+        (["--alpha-lr-scale", "10", "d"], "--alpha-lr-scale only apply with -q"),
+        (["-q", "uniform", "--alpha-lr-scale", "10", "d"], "--alpha-lr-scale apply to -q DSQ only"),
+        (
+            ["-q", "DSQ", "--bounds-lr-scale", "-1", "d"],
+            "a learning-rate scale must be a finite number >= 0, got '-1'",
+        ),
         (["--lr", "nan", "d"], "--lr must be a finite number >= 0, got nan"),
         (["--lr", "inf", "d"], "--lr must be a finite number >= 0, got inf"),
         (["--lr", "-0.1", "d"], "--lr must be a finite number >= 0, got -0.1"),
@@ -295,6 +304,9 @@ def test_quantization_flags_resolve(train_script):
     assert cfg.act.percentile == 99.0 and cfg.weight.percentile is None and cfg.weight.bits == 2
     assert "--act-percentile 99" in train_script.describe_config(cfg)
     assert parsed("-q", "DSQ", "--quantize-first-last").skip_first is False
+    cfg = parsed("-q", "DSQ", "--quantize-input", "--alpha-lr-scale", "100", "--bounds-lr-scale", "0")
+    assert (cfg.act.alpha_lr_scale, cfg.weight.bounds_lr_scale) == (100.0, 0.0)
+    assert "--alpha-lr-scale 100 --bounds-lr-scale 0" in train_script.describe_config(cfg)
     args = train_script.parser.parse_args(["-q", "DSQ", "--log-path", "somewhere", "d"])
     assert args.log_path == "somewhere"
 
