@@ -69,7 +69,7 @@ def record(run_dir: str) -> dict:
         "name": name,
         "command": command,
         "seed": int(seed.group(1)) if seed else None,
-        **dict(item.split("=", 1) for item in done),
+        **{k: int(v) for k, v in (item.split("=", 1) for item in done)},
         "quant": quant_config_of(ckpt).to_dict(),
         "epochs": epochs,
         "best_acc1": float(ckpt["best_acc1"]),
