@@ -441,6 +441,18 @@ def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     p = E.compare_onnx(model, out, [torch.randn(3, 3, 32, 32)])
     assert p["top1_agree"] == 3 and p["layers"]["layer1.0.conv1"]["elements"] == 3 * 64 * 8 * 8
 
+    # the parity script, on the same checkpoint and images
+    report = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "onnx_parity.py"), str(ckpt), str(data),
+                           *flags, "--batch-size", "3", "--json", str(report)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = json.loads(report.read_text())["reports"]
+    assert list(reports) == ["ORT_DISABLE_ALL", "ORT_ENABLE_ALL", "ORT_ENABLE_ALL, no QDQ fusion"]
+    for rep in reports.values():
+        assert rep["images"] == rep["labelled"] == 8 and len(rep["layers"]) == 19
+    assert "| layer1.0.conv1 | 32768 |" in proc.stdout
+
 
 def test_cli_errors(tmp_path, capsys):
     assert E.main([str(tmp_path / "missing.pth.tar"), "-o", str(tmp_path / "m.onnx")]) == 2
