@@ -38,7 +38,7 @@ where the zero point is not the type's minimum, which changes the codes (a Relu
 feeds almost every quantized layer of a ResNet); onnxruntime also has no 4-bit
 activation kernels, so the 8-bit container costs nothing there. 4-bit weights are
 DequantizeLinear'd from int4/uint4 initializers correctly at every optimisation
-level, and halve the size of the file. tests/test_export.py checks all of this.
+level, and halve the size of the file. tests/test_export.py checks both.
 
 Grids. A model trained with grid="affine" (activations) and "symmetric" or
 "affine" (weights) exports exactly. grid="free" (levels l + k*Delta for any real
@@ -55,6 +55,18 @@ Codes may differ where a value lies within float rounding of a rounding boundary
 the float layers before it (convolutions, BatchNorm) sum in another order in
 onnxruntime than in PyTorch. compare_onnx reports how far from a boundary the
 worst disagreeing value was, in units of the step.
+
+onnxruntime's default optimisation may fuse DequantizeLinear -> Conv -> (Relu) ->
+QuantizeLinear into QLinearConv where a quantized layer feeds the next one directly.
+QLinearConv adds the bias as int32 at scale input_scale * weight_scale, which moves
+the next layer's input by up to half that step: codes then differ near boundaries by
+that much. The session option session.disable_quant_qdq=1 keeps the fusion off
+(ort_session(..., qdq_fusion=False)).
+
+Where two layers quantize the same tensor on the same grid (a ResNet block's first
+conv and its downsample, when their bounds are equal), the exporter's optimiser keeps
+one QuantizeLinear for both; the file's metadata "dsq_ext.input_codes" names the
+QuantizeLinear output of each layer's input.
 """
 
 from __future__ import annotations

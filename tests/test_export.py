@@ -234,6 +234,28 @@ def _quantize_nodes(path):
     return m, [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
 
 
+def test_why_4bit_activations_are_not_uint4():
+    # The claim in dsq_ext/export.py: onnxruntime's default optimisation drops a Relu in front
+    # of a QuantizeLinear to uint4 although the zero point (3) makes negative inputs matter.
+    # If this fails, onnxruntime keeps the Relu now, and 4-bit activations could use uint4.
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        initializer=[numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+                     helper.make_tensor("z", TensorProto.UINT4, [], [3])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model, full_check=True)
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
+    plain, optimised = (E.ort_session(model, opt).run(None, {"x": x})[0] for opt in (False, True))
+    np.testing.assert_array_equal(plain, [0.0, 0.0, 0.0, 1.0, 2.0])
+    assert optimised[0] < 0, f"onnxruntime {ort.__version__} keeps the Relu now: {optimised}"
+
+
 @pytest.mark.parametrize(
     "bits, opset, weight_type, clip",
     [(2, None, "UINT8", True), (4, None, "UINT4", True), (4, 18, "UINT8", True), (8, None, "UINT8", False)],
@@ -281,6 +303,40 @@ def test_batch_is_dynamic(tmp_path):
             ref = model(x).numpy()
         assert out.shape == ref.shape == (n, 10)
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_layers_that_share_their_input(tmp_path):
+    # A ResNet block's first conv and its downsample read the same tensor; with equal bounds
+    # the exporter keeps one QuantizeLinear for both, and the metadata says so.
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return self.fc((self.a(x) + self.b(x)).mean((2, 3)))
+
+    model = Fork()
+    dsq_ext.quantize_model(model, w_bits=4, a_bits=4)
+    model.train()
+    model(inputs(4))
+    snap_bounds(model.eval())
+    path = tmp_path / "m.onnx"
+    with pytest.warns(UserWarning):
+        dsq_ext.export_onnx(model, inputs(2), path, approximate=True)
+    m, qs = _quantize_nodes(path)
+    assert [q.output[0] for q in qs] == ["a.input_codes"]
+    assert json.loads({p.key: p.value for p in m.metadata_props}["dsq_ext.input_codes"]) == {
+        "a": "a.input_codes",
+        "b": "a.input_codes",
+    }
+    p = E.compare_onnx(model, path, [inputs()])
+    assert p["layers"]["b"]["elements"] == p["layers"]["a"]["elements"] > 0
+    assert p["layers"]["b"]["mismatches"] == 0 and p["top1_agree"] == 6
 
 
 def test_model_is_left_as_it_was(tmp_path):
