@@ -443,6 +443,19 @@ def _numpy_containers() -> dict:
 # The export
 
 
+def _require_export_extra() -> None:
+    import importlib.util
+
+    missing = [
+        m for m in ("onnx", "onnxruntime", "onnxscript", "ml_dtypes") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise ImportError(
+            f"dsq_ext.export needs {', '.join(missing)}: pip install onnx onnxruntime onnxscript "
+            "ml_dtypes (or pip install --no-build-isolation '.[export]' in the dsq_ext source tree)"
+        )
+
+
 def _check_exportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = quantized_modules(model)
     owned = set()
@@ -512,6 +525,7 @@ def export_onnx(
     check: run the file in onnxruntime on example_input and report the agreement (always
         done, and printed as a warning, when a grid was approximated).
     """
+    _require_export_extra()
     import onnx
 
     if not isinstance(example_input, Tensor):
@@ -844,7 +858,9 @@ def compare_onnx(
     onnxruntime computed differently (float rounding upstream moves values by far less
     than 1e-3 steps); ties counts the values that lay exactly on a boundary.
     """
+    _require_export_extra()
     proto, layers, index = with_code_outputs(onnx_model)
+    device = next(iter(model.parameters())).device
     sess = ort_session(proto, optimized, threads, qdq_fusion)
     in_name = sess.get_inputs()[0].name
     out_names = [o.name for o in sess.get_outputs()]
@@ -860,7 +876,7 @@ def compare_onnx(
             x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
             x = x.detach().float().cpu()
             with torch.no_grad():
-                ref = model(x).double().numpy()
+                ref = model(x.to(device)).double().cpu().numpy()
             outs = sess.run(out_names, {in_name: x.numpy()})
             got = outs[0].astype(np.float64)
             max_diff = max(max_diff, float(np.abs(got - ref).max()) if ref.size else 0.0)

@@ -73,6 +73,8 @@ def snap_bounds(model, dyadic=False):
     """
     for _, layer in dsq_ext.quantized_modules(model):
         for q in (layer.weight_quantizer, layer.act_quantizer):
+            if q is None:
+                continue
             n = 2**q.bits - 1
             with torch.no_grad():
                 delta = (q.upper - q.lower) / n
@@ -337,6 +339,24 @@ def test_layers_that_share_their_input(tmp_path):
     p = E.compare_onnx(model, path, [inputs()])
     assert p["layers"]["b"]["elements"] == p["layers"]["a"]["elements"] > 0
     assert p["layers"]["b"]["mismatches"] == 0 and p["top1_agree"] == 6
+
+
+def test_weights_or_activations_only(tmp_path):
+    for w_bits, a_bits in ((4, None), (None, 8)):
+        torch.manual_seed(0)
+        model = Net()
+        dsq_ext.quantize_model(model, w_bits=w_bits, a_bits=a_bits, skip_first=False)
+        model.train()
+        model(inputs(4))
+        snap_bounds(model.eval())
+        path = tmp_path / f"m{w_bits}{a_bits}.onnx"
+        with pytest.warns(UserWarning):
+            res = dsq_ext.export_onnx(model, inputs(2), path, approximate=True)
+        assert {d["kind"] for d in res.layers} == {"weight" if w_bits else "activation"}
+        m, qs = _quantize_nodes(path)
+        assert len(qs) == (0 if a_bits is None else 4)
+        p = E.compare_onnx(model, path, [inputs()])
+        assert p["top1_agree"] == 6 and p["max_abs_diff"] < 1e-4, E.format_parity(p)
 
 
 def test_model_is_left_as_it_was(tmp_path):
