@@ -201,7 +201,6 @@ class _Grid:
     qmax: int
     container: str  # a key of CONTAINERS
     grid: str  # the grid exported ("affine" for an approximated "free")
-    float_zero_point: np.ndarray  # the model's own zero point (float; differs from zero_point only for free)
 
     def clip(self) -> tuple[np.float32, np.float32] | None:
         """The float range to clip to before QuantizeLinear, or None when saturation does it."""
@@ -219,12 +218,11 @@ class _Grid:
 def _code_range(spec: QuantizerSpec, grid: str, s: Tensor, z: Tensor) -> tuple[int, int]:
     # The first and last level, asked of the kernel itself: far below and far above every bound.
     far = 4.0 * (spec.lower.abs().max() + spec.upper.abs().max()).item() + 1.0
-    c = s.numel()
-    x = torch.tensor([-far, far], dtype=torch.float32).repeat(c, 1) if spec.per_channel else None
-    if x is None:
-        x = torch.tensor([-far, far], dtype=torch.float32)
-    y = _fake_quantize(x, spec, grid).reshape(c, 2) if spec.per_channel else _fake_quantize(x, spec, grid)
-    codes = torch.round(y.double() / s.double().reshape(-1, 1) + z.reshape(-1, 1)).reshape(-1, 2)
+    x = torch.tensor([-far, far], dtype=torch.float32)
+    if spec.per_channel:
+        x = x.repeat(s.numel(), 1)  # one row per channel
+    y = _fake_quantize(x, spec, grid).reshape(-1, 2)
+    codes = torch.round(y.double() / s.double().reshape(-1, 1) + z.reshape(-1, 1))
     lo, hi = codes[:, 0].unique(), codes[:, 1].unique()
     if lo.numel() != 1 or hi.numel() != 1:
         raise ExportError(f"the {grid} grid's first and last codes differ across channels: {lo}, {hi}")
@@ -268,7 +266,6 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
     else:
         raise ExportError(f"{name}: unknown {kind} grid {spec.grid!r}")
     s, z = _grid_params(spec, grid)
-    _, z_model = _grid_params(spec, spec.grid) if spec.grid != grid else (s, z)
     if not bool(torch.all(s > 0)) or not bool(torch.all(torch.isfinite(s))):
         bad = s if s.numel() == 1 else s[~(s > 0) | ~torch.isfinite(s)]
         raise ExportError(
@@ -279,15 +276,17 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
     if not bool(torch.all(z == torch.round(z))):
         raise ExportError(f"{name}: the {grid} grid gave a non-integer zero point {z.tolist()}")
     qmin, qmax = _code_range(spec, grid, s, z)
-    return _Grid(
+    g = _Grid(
         scale=s.numpy().astype(np.float32),
         zero_point=z.numpy().astype(np.int64),
         qmin=qmin,
         qmax=qmax,
         container=_container(qmin, qmax, spec.bits, kind, opset),
         grid=grid,
-        float_zero_point=z_model.numpy(),
     )
+    if kind == "activation":
+        g.clip()  # checks the float bounds now rather than inside the exporter
+    return g
 
 
 def _weight_codes(name: str, weight: Tensor, spec: QuantizerSpec, g: _Grid) -> Tensor:
@@ -403,9 +402,7 @@ def _translations(opset: int) -> dict:
         return c
 
     def quantize_dequantize(x, scale, zero_point, qmin, qmax, container, name):
-        g = _Grid(
-            np.array([scale], np.float32), np.array([zero_point]), qmin, qmax, container, "", np.zeros(1)
-        )
+        g = _Grid(np.array([scale], np.float32), np.array([zero_point]), qmin, qmax, container, "")
         s = const(np.array(scale, dtype=np.float32), f"{name}.input_scale")
         z = const(np.array(zero_point, dtype=np_types[container]), f"{name}.input_zero_point")
         clip = g.clip()
