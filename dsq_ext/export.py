@@ -850,10 +850,9 @@ def compare_onnx(
     batches: input tensors, or (input, labels) pairs (then both models' accuracy is counted).
     Returns {"images", "top1_agree", "labelled", "correct": {"torch", "onnx"}, "max_abs_diff",
     "layers": {name: {"elements", "mismatches", "max_code_diff", "max_margin", "ties"}}}:
-    max_margin is the largest
-    distance, in steps, from a rounding boundary of a PyTorch value whose code
-    onnxruntime computed differently (float rounding upstream moves values by far less
-    than 1e-3 steps); ties counts the values that lay exactly on a boundary.
+    max_margin is the largest distance, in steps, from a rounding boundary of a PyTorch
+    value whose code onnxruntime computed differently (float rounding upstream moves
+    values by a small fraction of a step); ties counts the values exactly on a boundary.
     """
     _require_export_extra()
     proto, layers, index = with_code_outputs(onnx_model)
