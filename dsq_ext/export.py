@@ -201,6 +201,7 @@ class _Grid:
     qmax: int
     container: str  # a key of CONTAINERS
     grid: str  # the grid exported ("affine" for an approximated "free")
+    offset: int = 0  # the kernels' number of a level minus its code here (symmetric: Qp)
 
     def clip(self) -> tuple[np.float32, np.float32] | None:
         """The float range to clip to before QuantizeLinear, or None when saturation does it."""
@@ -276,6 +277,14 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
     if not bool(torch.all(z == torch.round(z))):
         raise ExportError(f"{name}: the {grid} grid gave a non-integer zero point {z.tolist()}")
     qmin, qmax = _code_range(spec, grid, s, z)
+    offset = 0
+    if grid == "symmetric":
+        # The kernels number the symmetric levels 0..2Qp around z = Qp; integer runtimes
+        # expect signed codes -Qp..Qp with zero point 0: the same levels, (q - z) * scale.
+        offset = int(z[0])
+        if not bool(torch.all(z == offset)):
+            raise ExportError(f"{name}: the symmetric grid's zero points differ across channels: {z}")
+        z, qmin, qmax = torch.zeros_like(z), qmin - offset, qmax - offset
     g = _Grid(
         scale=s.numpy().astype(np.float32),
         zero_point=z.numpy().astype(np.int64),
@@ -283,6 +292,7 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
         qmax=qmax,
         container=_container(qmin, qmax, spec.bits, kind, opset),
         grid=grid,
+        offset=offset,
     )
     if kind == "activation":
         g.clip()  # checks the float bounds now rather than inside the exporter
@@ -567,7 +577,8 @@ def export_onnx(
             if g is not None:
                 info.append(
                     dict(layer=name, kind=kind, bits=spec.bits, model_grid=spec.grid, grid=g.grid,
-                         container=g.container, codes=[g.qmin, g.qmax], per_channel=spec.per_channel)
+                         container=g.container, codes=[g.qmin, g.qmax], code_offset=g.offset,
+                         per_channel=spec.per_channel)
                 )  # fmt: skip
 
     x = example_input.detach().float().cpu()
@@ -784,6 +795,15 @@ def with_code_outputs(proto):
     return proto, list(codes), [names.index(codes[layer]) for layer in codes]
 
 
+def _code_offsets(proto) -> dict[str, int]:
+    import onnx
+
+    if isinstance(proto, (str, os.PathLike)):
+        proto = onnx.load(proto)
+    info = json.loads(_props(proto)["dsq_ext.layers"])
+    return {d["layer"]: d.get("code_offset", 0) for d in info if d["kind"] == "activation"}
+
+
 def _props(proto) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
@@ -808,23 +828,24 @@ def ort_session(model, optimized: bool, threads: int | None = None, qdq_fusion: 
 
 
 class _CodeHooks:
-    """The model's own codes at each quantized layer's input: round(y / scale + zero point)."""
+    """The model's own codes at each quantized layer's input: round(y / scale + zero point),
+    numbered as in the file (minus the layer's code_offset)."""
 
-    def __init__(self, model: nn.Module, layers: list[str]):
+    def __init__(self, model: nn.Module, layers: list[str], offsets: dict[str, int]):
         self.grids, self.handles, self.codes, self.margins = {}, [], {}, {}
         mods = dict(model.named_modules())
         for name in layers:
             q = mods[name].act_quantizer
             spec = quantizer_spec(q)
             s, z = _grid_params(spec, spec.grid)
-            self.grids[name] = (float(s[0]), float(z[0]))
+            self.grids[name] = (float(s[0]), float(z[0]), offsets.get(name, 0))
             self.handles.append(q.register_forward_hook(self._hook(name)))
 
     def _hook(self, name):
         def hook(module, args, y):
-            s, z = self.grids[name]
+            s, z, offset = self.grids[name]
             t = args[0].detach().double() / s + z  # where x lies on the grid, in steps
-            self.codes[name] = torch.round(y.detach().double() / s + z).cpu().numpy()
+            self.codes[name] = (torch.round(y.detach().double() / s + z) - offset).cpu().numpy()
             # distance of x to the nearest rounding boundary (a half step), in steps
             self.margins[name] = (t - torch.floor(t) - 0.5).abs().cpu().numpy()
 
@@ -862,7 +883,7 @@ def compare_onnx(
     out_names = [o.name for o in sess.get_outputs()]
     was_training = model.training
     model.eval()
-    hooks = _CodeHooks(model, layers)
+    hooks = _CodeHooks(model, layers, _code_offsets(proto))
     stats = {n: dict(elements=0, mismatches=0, max_code_diff=0, max_margin=0.0, ties=0) for n in layers}
     images = agree = labelled = 0
     correct = {"torch": 0, "onnx": 0}
