@@ -141,54 +141,19 @@ def quantizer_spec(q: Quantizer) -> QuantizerSpec:
 # The grid as the kernels define it: scale, zero point, first and last code.
 
 
-def _kernels_have_grid() -> bool:
-    return hasattr(torch.ops.dsq_ext, "grid_params")
-
-
 def _fake_quantize(x: Tensor, spec: QuantizerSpec, grid: str) -> Tensor:
     """Our kernel's forward value of x on `grid` (the layer's own op)."""
     l, u = spec.lower.to(x.device), spec.upper.to(x.device)
-    if not _kernels_have_grid():
-        if grid != "free":
-            return _affine_reference(x, spec)
-        kw = {}
-    else:
-        kw = {"grid": grid}
     with torch.no_grad():
         if spec.method == "dsq":
-            return ops.dsq_quantize(x, l, u, spec.alpha, spec.bits, sort_bounds=spec.sort_bounds, **kw)
-        return ops.uniform_quantize(x, l, u, spec.bits, sort_bounds=spec.sort_bounds, **kw)
+            return ops.dsq_quantize(x, l, u, spec.alpha, spec.bits, sort_bounds=spec.sort_bounds, grid=grid)
+        return ops.uniform_quantize(x, l, u, spec.bits, sort_bounds=spec.sort_bounds, grid=grid)
 
 
 def _grid_params(spec: QuantizerSpec, grid: str) -> tuple[Tensor, Tensor]:
     """(scale, zero point) per channel as the kernels use them: float32 Delta, float zero point."""
-    if _kernels_have_grid():
-        s, z = torch.ops.dsq_ext.grid_params(spec.lower, spec.upper, spec.bits, grid, spec.sort_bounds)
-        return s.float().reshape(-1), z.double().reshape(-1)
-    l, u = _sorted_bounds(spec)
-    n = float(2**spec.bits - 1)
-    delta = (u - l) / n
-    z = -(l.double() / delta.double())
-    if grid == "affine":
-        z = torch.round(-(l / delta)).clamp(0, n).double()
-    return delta.reshape(-1), z.reshape(-1)
-
-
-def _sorted_bounds(spec: QuantizerSpec) -> tuple[Tensor, Tensor]:
-    l, u = spec.lower, spec.upper
-    if spec.sort_bounds:
-        l, u = torch.minimum(l, u), torch.maximum(l, u)
-    return l, u
-
-
-def _affine_reference(x: Tensor, spec: QuantizerSpec) -> Tensor:
-    # The affine grid's forward, for kernels built before the grid option: what
-    # QuantizeLinear -> DequantizeLinear computes in float32.
-    s, z = _grid_params(spec, "affine")
-    shape = (-1,) + (1,) * (x.dim() - 1) if spec.per_channel else ()
-    s, z = s.reshape(shape).to(x.device), z.float().reshape(shape).to(x.device)
-    q = torch.clamp(torch.round(x / s) + z, 0, 2**spec.bits - 1)
-    return (q - z) * s
+    s, z = ops.grid_params(spec.lower, spec.upper, spec.bits, grid, sort_bounds=spec.sort_bounds)
+    return s.float().reshape(-1), z.double().reshape(-1)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ another order); each comparison reports how far from a boundary the worst
 disagreeing value was, and the tests bound it.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -26,9 +27,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
-# Kernels with the grid option (affine / symmetric) and torch.ops.dsq_ext.grid_params.
-HAS_GRID = hasattr(torch.ops.dsq_ext, "grid_params")
-needs_grid = pytest.mark.skipif(not HAS_GRID, reason="the kernels have no grid option")
+# Layers (and train.py) with the grid option: Quantizer(grid=...), quantize_model(grid=...).
+HAS_GRID = "grid" in inspect.signature(dsq_ext.Quantizer).parameters
+needs_grid = pytest.mark.skipif(not HAS_GRID, reason="the layers have no grid option")
 
 
 class Net(nn.Module):
