@@ -8,8 +8,8 @@ Variants (one random-weight ResNet-18, the same weights for all):
   w4a4    the same at 4 bits (weights stored as int4 with the default opset 21)
 
 The quantized models get their activation bounds from one training forward on a
-random batch. Exact grids are used where the kernels have them (weights symmetric,
-activations affine); older kernels export the free grid approximately, which
+random batch. Exact grids are used where the layers have them (weights symmetric,
+activations affine); without, the free grid is exported approximately, which
 changes nothing in the timing.
 
 For each image size, every variant is exported once (the batch dimension is
@@ -37,6 +37,7 @@ import argparse
 import collections
 import copy
 import functools
+import inspect
 import os
 import sys
 import tempfile
@@ -62,7 +63,7 @@ def build_models(num_classes: int, calib_size: int):
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=num_classes).eval()
     models = {"float": base}
-    has_grid = hasattr(torch.ops.dsq_ext, "grid_params")
+    has_grid = "grid" in inspect.signature(dsq_ext.Quantizer).parameters
     for name, bits in VARIANTS.items():
         if bits is None:
             continue
