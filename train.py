@@ -151,6 +151,11 @@ quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
 quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
+quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric'),
+                   help='quantization levels: free (lower + k*Delta, the paper\'s), affine (0.0 is a '
+                        'level, integer zero point, as ONNX QuantizeLinear stores it) or symmetric '
+                        '(weights; zero point 0, levels -(2^(b-1)-1)..2^(b-1)-1; activations then '
+                        'use affine) (default: free)')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -679,7 +684,7 @@ def accuracy(output, target, topk=(1,)):
 
 # The fields of quant_config that must match to resume; alpha_init and
 # act_percentile only matter before the first step, so a resumed run may name others.
-_RESUME_KEYS = ("method", "w_bits", "a_bits", "per_channel", "quantize_first_last", "bounds")
+_RESUME_KEYS = ("method", "w_bits", "a_bits", "per_channel", "quantize_first_last", "bounds", "grid")
 
 
 def check_args(args):
@@ -695,6 +700,7 @@ def check_args(args):
             ("--bounds", args.bounds),
             ("--alpha-init", args.alpha_init),
             ("--act-percentile", args.act_percentile),
+            ("--grid", args.grid),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:
@@ -711,6 +717,9 @@ def check_args(args):
             args.a_bits = quan_bit
         args.quantize_input = args.a_bits is not None
         args.bounds = args.bounds or "learned"
+        args.grid = args.grid or "free"
+        if args.grid == "symmetric" and args.w_bits < 2:
+            parser.error("--grid symmetric needs at least 2 weight bits (its levels are -(2^(b-1)-1)..2^(b-1)-1)")
         args.alpha_init = 0.2 if args.alpha_init is None else args.alpha_init
         if args.act_percentile is not None and args.a_bits is None:
             parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
@@ -735,6 +744,8 @@ def check_args(args):
     if resumable:
         ckpt = read_checkpoint(args.resume, "--resume")
         theirs = dict(ckpt.get("quant") or {"method": None}, arch=ckpt.get("arch"))
+        if theirs["method"]:
+            theirs.setdefault("grid", "free")  # written before --grid existed: the free grid
         ours = dict(quant_config(args), arch=args.arch)
         # Float against quantized is one difference, whatever the unused fields hold.
         keys = ("arch",) + (_RESUME_KEYS if theirs["method"] and ours["method"] else _RESUME_KEYS[:1])
@@ -792,6 +803,7 @@ def quant_config(args):
         "bounds": args.bounds,
         "alpha_init": args.alpha_init,
         "act_percentile": args.act_percentile,
+        "grid": args.grid,
     }
 
 
@@ -807,6 +819,7 @@ def quantize_kwargs(args):
         bounds=cfg["bounds"],
         alpha_init=cfg["alpha_init"],
         act_percentile=cfg.get("act_percentile"),
+        grid=cfg.get("grid") or "free",
     )
 
 
@@ -824,6 +837,7 @@ def describe_config(cfg):
     flags += ["--bounds", str(cfg.get("bounds"))]
     if cfg.get("act_percentile") is not None:
         flags += ["--act-percentile", f"{cfg['act_percentile']:g}"]
+    flags += ["--grid", cfg.get("grid") or "free"]  # a checkpoint without it trained on the free grid
     return " ".join(flags)
 
 

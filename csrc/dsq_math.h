@@ -134,6 +134,7 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
             k.xscale = (T)0.5;                                                                      \
         }                                                                                           \
         const int nan_bound = lower != lower || upper != upper;                                     \
+        const T nan_value = lower + upper; /* NaN when nan_bound */                                 \
         T delta, nlev = n, z = (T)0;                                                                \
         k.cl = (T)0;                                                                                \
         k.cu = (T)0;                                                                                \
@@ -191,8 +192,8 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
         if (alpha != alpha) k.da_scale = alpha; /* NaN alpha: NaN gradient */                       \
         if (nan_bound) {                                                                            \
             /* a NaN bound: NaN everywhere, through the free formulas below */                      \
-            const T q = lower + upper;                                                              \
-            k.l = k.u = k.delta = k.div = k.z = k.A = k.ste = k.da_scale = k.cl = k.cu = q;         \
+            k.l = k.u = k.delta = k.div = k.z = nan_value;                                          \
+            k.A = k.ste = k.da_scale = k.cl = k.cu = nan_value;                                     \
         }                                                                                           \
         return k;                                                                                   \
     }                                                                                               \

@@ -12,6 +12,13 @@ those gradients by 1 / sqrt(elements per channel * (2^b - 1)), so that a
 learning rate that suits the weights (the ImageNet example's 0.1) also suits
 the quantizer parameters. The values are unchanged; `grad_scale=False` turns
 this off.
+
+Grid. `grid="free"` puts the levels at lower + k*Delta (the paper's). "affine"
+and "symmetric" put 0.0 on a level with an integer zero point, so that integer
+runtimes (ONNX QuantizeLinear/DequantizeLinear) hold the trained grid exactly
+(docs/DSQ_MATH.md). A layer's `grid` applies to its weight; its activation
+quantizer uses "affine" where the layer says "symmetric" (a symmetric grid would
+spend half its levels on negative values that post-ReLU activations never take).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .ops import GRIDS
 
 __all__ = [
     "Quantizer",
@@ -78,11 +86,16 @@ class Quantizer(nn.Module):
         grad_scale: bool = True,
         is_activation: bool = False,
         percentile: float | None = None,
+        grid: str = "free",
         device=None,
         dtype=None,
     ):
         super().__init__()
         _check_bits("bits", bits, allow_none=False)
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        if grid == "symmetric" and bits < 2:
+            raise ValueError(f"grid 'symmetric' needs bits >= 2, got bits={bits}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if bounds not in BOUNDS:
@@ -107,6 +120,7 @@ class Quantizer(nn.Module):
         self.grad_scale = grad_scale
         self.is_activation = is_activation
         self.percentile = None if percentile is None else float(percentile)
+        self.grid = grid
         kw = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
         shape = (channels,) if channels is not None else ()
         lower, upper = torch.zeros(shape, **kw), torch.ones(shape, **kw)
@@ -127,7 +141,8 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         per = f"per_channel({self.channels})" if self.channels is not None else "per_tensor"
         pct = f", percentile={self.percentile:g}" if self.percentile is not None else ""
-        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}"
+        grid = f", grid={self.grid}" if self.grid != "free" else ""
+        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}{grid}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -207,12 +222,10 @@ class Quantizer(nn.Module):
         if self.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
-        sort = self.bounds == "learned"
+        kw = {"grad_scale": s, "sort_bounds": self.bounds == "learned", "grid": self.grid}
         if self.method == "dsq":
-            return ops.dsq_quantize(
-                x, self.lower, self.upper, self.alpha, self.bits, grad_scale=s, sort_bounds=sort
-            )
-        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, grad_scale=s, sort_bounds=sort)
+            return ops.dsq_quantize(x, self.lower, self.upper, self.alpha, self.bits, **kw)
+        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, **kw)
 
 
 class _QuantMixin:
@@ -220,22 +233,27 @@ class _QuantMixin:
 
     _FLOAT: type[nn.Module]
 
-    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, **common):
+    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, grid, **common):
         # common: what both quantizers take (method, alpha_init, bounds, momentum, grad_scale, device).
         _check_bits("w_bits", w_bits, allow_none=True)
         _check_bits("a_bits", a_bits, allow_none=True)
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
         self.weight_quantizer = (
-            Quantizer(w_bits, channels=self.weight.shape[0] if per_channel else None, **common)
+            Quantizer(w_bits, channels=self.weight.shape[0] if per_channel else None, grid=grid, **common)
             if w_bits is not None
             else None
         )
+        # Activations (post-ReLU, mostly) take the affine grid where weights are symmetric.
+        act_grid = "affine" if grid == "symmetric" else grid
         self.act_quantizer = (
-            Quantizer(a_bits, is_activation=True, percentile=act_percentile, **common)
+            Quantizer(a_bits, is_activation=True, percentile=act_percentile, grid=act_grid, **common)
             if a_bits is not None
             else None
         )
         self.method, self.w_bits, self.a_bits = common["method"], w_bits, a_bits
         self.per_channel = per_channel
+        self.grid = grid
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight that forward uses (differentiable)."""
@@ -274,6 +292,7 @@ class _QuantMixin:
             super().extra_repr()
             + f", method={self.method}, w_bits={self.w_bits}, a_bits={self.a_bits}"
             + (", per_channel=True" if self.per_channel else "")
+            + (f", grid={self.grid}" if self.grid != "free" else "")
         )
 
 
@@ -305,6 +324,7 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         momentum: float = 0.1,
         grad_scale: bool = True,
         act_percentile: float | None = None,
+        grid: str = "free",
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -312,7 +332,7 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         )  # fmt: skip
         self._init_quantizers(
             w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            grid=grid, method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
             grad_scale=grad_scale, device=device,
         )  # fmt: skip
 
@@ -356,11 +376,12 @@ class DSQLinear(_QuantMixin, nn.Linear):
         momentum: float = 0.1,
         grad_scale: bool = True,
         act_percentile: float | None = None,
+        grid: str = "free",
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_quantizers(
             w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            grid=grid, method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
             grad_scale=grad_scale, device=device,
         )  # fmt: skip
 
@@ -389,6 +410,7 @@ def quantize_model(
 
     Layers are taken in registration order; by default the first one (the stem
     conv) and the last one (the classifier) stay float, as in the paper.
+    layer_kwargs (grid, bounds, act_percentile, ...) go to every layer.
     """
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in _SWAPS and name != ""]
     if type(model) in _SWAPS:

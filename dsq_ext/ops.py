@@ -190,6 +190,23 @@ def _check_flag(value, name: str) -> bool:
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+# c10's names of the dtypes, as the C++ messages print them ("got Long").
+_C10_NAMES = {
+    torch.bool: "Bool",
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
 def _check_grid_name(op: str, grid: str) -> None:
     if grid not in GRIDS:
         raise RuntimeError(f"{op}: grid must be 'free', 'affine' or 'symmetric', got '{grid}'")
@@ -216,7 +233,9 @@ def _check(
     # dispatcher would send here) fails with the same message as the kernels.
     _check_grid_name(op, grid)
     if x.dtype not in _FLOATS:
-        raise RuntimeError(f"{op}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        raise RuntimeError(
+            f"{op}: x must be float32, float64, float16 or bfloat16, got {_dtype_name(x.dtype)}"
+        )
     if not 1 <= bits <= 8:
         raise RuntimeError(f"{op}: bits must be in 1..8, got {bits}")
     _check_grid_bits(op, grid, bits)
@@ -225,7 +244,8 @@ def _check(
     for name, p in params.items():
         if p.dtype not in _FLOATS:
             raise RuntimeError(
-                f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, got {p.dtype}"
+                f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, "
+                f"got {_dtype_name(p.dtype)}"
             )
         if p.device != x.device:
             raise RuntimeError(f"{op}: {name} is on {p.device} but x is on {x.device}")
@@ -286,7 +306,8 @@ def _(lower, upper, bits, grid, sort_bounds=False):
     for name, p in (("lower", lower), ("upper", upper)):
         if p.dtype not in _FLOATS:
             raise RuntimeError(
-                f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, got {p.dtype}"
+                f"{op}: {name} must be a float32, float64, float16 or bfloat16 tensor, "
+                f"got {_dtype_name(p.dtype)}"
             )
         if p.numel() != 1 and p.dim() != 1:
             raise RuntimeError(

@@ -144,7 +144,9 @@ def grid_composite(x, lower, upper, alpha, bits, mode="dsq", grid="affine"):
     delta, z, nlev = grid_of(lower, upper, bits, grid, x)
     t = x / delta
     q_hard = torch.clamp(torch.round(t.detach()) + z, 0, nlev)
-    v = torch.clamp(t + z, 0, nlev)  # no gradient outside [l', u'], where y is a constant level
+    v = t + z
+    # clipped to [0, nlev], both ends inside; no gradient outside, where y is a constant level
+    v = torch.where((v >= 0) & (v <= nlev), v, torch.clamp(v.detach(), 0, nlev))
     if mode == "uniform":
         soft = v - v.detach()
     else:
