@@ -973,9 +973,8 @@ def checkpoint_quantize_kwargs(cfg: dict) -> dict:
         bounds=cfg["bounds"],
         alpha_init=cfg["alpha_init"],
         act_percentile=cfg.get("act_percentile"),
+        grid=cfg.get("grid") or "free",  # written before the grid option: the free grid
     )
-    if cfg.get("grid", "free") != "free":
-        kw["grid"] = cfg["grid"]
     return kw
 
 

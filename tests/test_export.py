@@ -92,18 +92,29 @@ def inputs(n=6, seed=1):
 
 
 def assert_parity(model, path, x, *, optimized, boundary=1e-4):
-    """Codes identical, except within `boundary` steps of a rounding boundary; top-1 and outputs agree."""
+    """Codes identical except where explained; top-1 identical; outputs close.
+
+    The first layer whose codes differ anywhere must have every disagreeing value within
+    `boundary` steps of a rounding boundary (float rounding upstream); a code moved there
+    may move a few values of the layers after it further (propagation): those may differ
+    by one code on at most 1% of their elements (or 2).
+    """
     p = E.compare_onnx(model, path, [x], optimized=optimized)
-    first = next(iter(p["layers"].values()))
-    assert first["mismatches"] == 0, E.format_parity(p)  # the model's input: no float op before it
-    for name, s in p["layers"].items():
-        assert s["elements"] > 0, name
-        if s["mismatches"]:
-            assert s["max_code_diff"] == 1 and s["max_margin"] <= boundary, E.format_parity(p)
-    assert p["top1_agree"] == p["images"] == x.shape[0], E.format_parity(p)
+    text = E.format_parity(p)
+    layers = list(p["layers"].values())
+    assert layers[0]["mismatches"] == 0, text  # the model's input: no float op before it
+    upstream = False
+    for s in layers:
+        assert s["elements"] > 0
+        if s["mismatches"] and not upstream:
+            assert s["max_code_diff"] == 1 and s["max_margin"] <= boundary, text
+        elif s["mismatches"]:
+            assert s["max_code_diff"] == 1 and s["mismatches"] <= max(2, 0.01 * s["elements"]), text
+        upstream |= s["mismatches"] > 0
+    assert p["top1_agree"] == p["images"] == x.shape[0], text
     with torch.no_grad():
         scale = model(x).abs().max().item()
-    assert p["max_abs_diff"] <= 1e-4 * scale, E.format_parity(p)
+    assert p["max_abs_diff"] <= (0.02 if upstream else 1e-4) * scale, text
     return p
 
 
@@ -137,16 +148,24 @@ def initializers(path):
 
 
 @needs_grid
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("wgrid", ["symmetric", "affine"])
-def test_exact_grids_match_onnxruntime(tmp_path, bits, per_channel, wgrid):
-    method = "dsq" if per_channel else "uniform"
+@pytest.mark.parametrize(
+    "bits, per_channel, wgrid, method",
+    # each grid per tensor and per channel, with DSQ and uniform, at every bit width
+    [(2, False, "symmetric", "dsq"), (2, True, "affine", "uniform"), (4, False, "affine", "uniform"),
+     (4, True, "symmetric", "dsq"), (8, False, "symmetric", "uniform"), (8, True, "affine", "dsq")],
+)  # fmt: skip
+def test_exact_grids_match_onnxruntime(tmp_path, bits, per_channel, wgrid, method):
     model = make_model(bits, per_channel, method, grid=wgrid)
     path = tmp_path / "m.onnx"
     res = dsq_ext.export_onnx(model, inputs(2), path)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert {d["grid"] for d in res.layers if d["kind"] == "weight"} == {wgrid}
+    assert {d["grid"] for d in res.layers if d["kind"] == "activation"} == {"affine"}
+    signed = {"int8", "int4"} if wgrid == "symmetric" else {"uint8", "uint4"}
+    assert {d["container"] for d in res.layers if d["kind"] == "weight"} <= signed
+    if wgrid == "symmetric":  # narrow range, zero point 0
+        q = 2 ** (bits - 1) - 1
+        assert {tuple(d["codes"]) for d in res.layers if d["kind"] == "weight"} == {(-q, q)}
     x = inputs()
     # The float ops are PyTorch's up to summation order (about 1e-7 relative); the default
     # optimisation runs conv0 and conv1 as QLinearConv (integer sums, requantized by a float
@@ -156,7 +175,7 @@ def test_exact_grids_match_onnxruntime(tmp_path, bits, per_channel, wgrid):
 
 
 @needs_grid
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 8])
 def test_dyadic_model_is_bit_exact(tmp_path, bits):
     # Power-of-two scales, integer zero points and inputs on a coarse grid: every float op is
     # exact in any order, values often land exactly on a half step, and onnxruntime must
@@ -215,8 +234,7 @@ def test_free_grid_is_refused_with_the_way_out(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits, per_channel", [(2, True), (4, True), (8, True), (4, False)])
 def test_approximate_is_exact_when_the_free_grid_is_affine(approx_export, bits, per_channel):
     # With an integer -l/Delta the free levels are affine ones (up to float rounding); the
     # two roundings differ only at exact half steps, which random inputs do not hit.
@@ -305,11 +323,15 @@ def test_containers(approx_export, bits, opset, weight_type, clip):
     assert json.loads({p.key: p.value for p in m.metadata_props}["dsq_ext.layers"]) == res.layers
 
 
-def test_batch_is_dynamic(tmp_path):
-    model = snap_bounds(make_model(4, False, "dsq"))
+def test_batch_is_dynamic_and_the_model_is_left_as_it_was(tmp_path):
+    model = snap_bounds(make_model(4, False, "dsq")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path / "m.onnx"
     with pytest.warns(UserWarning):
         dsq_ext.export_onnx(model, inputs(1), path, approximate=True)  # traced with a batch of one
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
     sess = E.ort_session(str(path), optimized=False)
     for n in (1, 5):
         x = inputs(n)
@@ -370,17 +392,6 @@ def test_weights_or_activations_only(tmp_path):
         assert len(qs) == (0 if a_bits is None else 4)
         p = E.compare_onnx(model, path, [inputs()])
         assert p["top1_agree"] == 6 and p["max_abs_diff"] < 1e-4, E.format_parity(p)
-
-
-def test_model_is_left_as_it_was(tmp_path):
-    model = snap_bounds(make_model(4, True, "dsq"))
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning):
-        dsq_ext.export_onnx(model, inputs(2), tmp_path / "m.onnx", approximate=True)
-    assert model.training
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------
