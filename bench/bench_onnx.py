@@ -68,11 +68,8 @@ def build_models(num_classes: int, calib_size: int):
         if bits is None:
             continue
         m = copy.deepcopy(base)
-        kw = {"grid": "affine"} if has_grid else {}
+        kw = {"grid": "symmetric"} if has_grid else {}  # symmetric weights, affine activations
         dsq_ext.quantize_model(m, "dsq", bits, bits, **kw)
-        if has_grid:  # symmetric weights, affine activations
-            for _, layer in dsq_ext.quantized_modules(m):
-                layer.weight_quantizer.grid = "symmetric"
         m.train()
         with torch.no_grad():
             m(torch.randn(8, 3, calib_size, calib_size))

@@ -40,12 +40,14 @@ activation kernels, so the 8-bit container costs nothing there. 4-bit weights ar
 DequantizeLinear'd from int4/uint4 initializers correctly at every optimisation
 level, and halve the size of the file. tests/test_export.py checks both.
 
-Grids. A model trained with grid="affine" (activations) and "symmetric" or
-"affine" (weights) exports exactly. grid="free" (levels l + k*Delta for any real
-l) has no integer zero point; export refuses it unless approximate=True, which
-snaps each grid to the nearest integer zero point (the affine grid of the same
-bounds) and measures how much the exported model then differs on the example input
-(codes, top-1, outputs). Retrain with `train.py --grid affine` for an exact export.
+Grids. A model trained with grid="symmetric" (weights; its activations are then
+affine) or grid="affine" exports exactly; symmetric weights are stored as signed codes
+-Qp..Qp with zero point 0 (the kernels number the same levels 0..2Qp around Qp).
+grid="free" (levels l + k*Delta for any real l) has no integer zero point; export
+refuses it unless approximate=True, which snaps each grid to the nearest integer zero
+point (the affine grid of the same bounds) and measures how much the exported model
+then differs on the example input (codes, top-1, outputs). Retrain with
+`train.py --grid symmetric` (or affine) for an exact export.
 
 Checking. export_onnx runs the file in onnxruntime (CPU, graph optimisation off)
 on the example input and compares it with the PyTorch model: the codes of every
@@ -224,8 +226,8 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
             f"{name}: the {kind} quantizer uses grid='free', whose levels l + k*Delta need a "
             "zero point -l/Delta that is in general not an integer, and ONNX (like every integer "
             "runtime) stores only integer zero points, so the file cannot compute what the model "
-            "computes. Retrain (or fine-tune) with the deployable grid: train.py --grid affine "
-            "(quantize_model(..., grid='affine')), or export an approximation with "
+            "computes. Retrain (or fine-tune) with a deployable grid: train.py --grid symmetric or "
+            "--grid affine (quantize_model(..., grid=...)), or export an approximation with "
             "approximate=True (--approximate), which snaps each zero point to the nearest "
             "integer and reports how much the exported model then differs"
         )

@@ -8,7 +8,6 @@ another order); each comparison reports how far from a boundary the worst
 disagreeing value was, and the tests bound it.
 """
 
-import inspect
 import json
 import os
 import subprocess
@@ -27,9 +26,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
-# Layers (and train.py) with the grid option: Quantizer(grid=...), quantize_model(grid=...).
-HAS_GRID = "grid" in inspect.signature(dsq_ext.Quantizer).parameters
-needs_grid = pytest.mark.skipif(not HAS_GRID, reason="the layers have no grid option")
 
 
 class Net(nn.Module):
@@ -147,7 +143,6 @@ def initializers(path):
 # Exact grids
 
 
-@needs_grid
 @pytest.mark.parametrize(
     "bits, per_channel, wgrid, method",
     # each grid per tensor and per channel, with DSQ and uniform, at every bit width
@@ -174,7 +169,6 @@ def test_exact_grids_match_onnxruntime(tmp_path, bits, per_channel, wgrid, metho
     assert_parity(model, path, x, optimized=True)
 
 
-@needs_grid
 @pytest.mark.parametrize("bits", [2, 8])
 def test_dyadic_model_is_bit_exact(tmp_path, bits):
     # Power-of-two scales, integer zero points and inputs on a coarse grid: every float op is
@@ -197,18 +191,14 @@ def test_dyadic_model_is_bit_exact(tmp_path, bits):
         assert p["max_abs_diff"] < 1e-6  # the float classifier sums in another order
 
 
-@pytest.mark.filterwarnings(r"ignore:export_onnx\(approximate=True\)")
 @pytest.mark.parametrize("bits", [2])
 def test_qlinearconv_rounds_the_bias(tmp_path, bits):
     # onnxruntime's QLinearConv adds the bias as int32 at scale input_scale * weight_scale: the
     # bias moves by up to half that, and with it the next layer's input. The exported graph is
     # exact; onnxruntime's fused kernel is not, unless its QDQ fusion is turned off.
-    kw = {"grid": "affine"} if HAS_GRID else {}
-    model = make_model(bits, True, "dsq", bias0=True, **kw)
-    if not HAS_GRID:
-        snap_bounds(model)
+    model = make_model(bits, True, "dsq", bias0=True, grid="affine")
     path = tmp_path / "m.onnx"
-    dsq_ext.export_onnx(model, inputs(2), path, approximate=not HAS_GRID)
+    dsq_ext.export_onnx(model, inputs(2), path)
     x = inputs()
     fused = E.compare_onnx(model, path, [x], optimized=True)
     assert fused["layers"]["conv0"]["mismatches"] == 0
@@ -227,8 +217,10 @@ def test_qlinearconv_rounds_the_bias(tmp_path, bits):
 
 
 def test_free_grid_is_refused_with_the_way_out(tmp_path):
-    model = make_model(4, False, "dsq", **({"grid": "free"} if HAS_GRID else {}))
-    with pytest.raises(E.ExportError, match=r"grid='free'.*--grid affine.*approximate=True") as e:
+    model = make_model(4, False, "dsq", grid="free")
+    with pytest.raises(
+        E.ExportError, match=r"grid='free'.*--grid symmetric or --grid affine.*approximate=True"
+    ) as e:
         dsq_ext.export_onnx(model, inputs(2), tmp_path / "m.onnx")
     assert "conv0" in str(e.value) and "integer" in str(e.value)
     assert not (tmp_path / "m.onnx").exists()
@@ -501,8 +493,7 @@ def checkpoint(tmp_path_factory):
                 img[:, c * 16 : (c + 1) * 16] += 180
                 Image.fromarray(img).save(d / f"{i}.png")
     log = tmp_path_factory.mktemp("log")
-    grid = ["--grid", "affine"] if HAS_GRID else []
-    args = ["-a", "resnet18", "-q", "DSQ", "--quan_bit", "4", "--quantize_input", *grid,
+    args = ["-a", "resnet18", "-q", "DSQ", "--quan_bit", "4", "--quantize_input", "--grid", "symmetric",
             "--image-size", "32", "-b", "8", "-j", "0", "--epochs", "1", "--seed", "0",
             "--log_path", str(log), str(root)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -516,16 +507,20 @@ def checkpoint(tmp_path_factory):
 def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     ckpt, data = checkpoint
     out = tmp_path / "model.onnx"
-    flags = []
-    if not HAS_GRID:
-        assert E.main([str(ckpt), "-o", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert "error: layer1.0.conv1: the weight quantizer uses grid='free'" in err, err
-        assert "train.py --grid affine" in err and not out.exists()
-        flags = ["--approximate"]
+    # the same checkpoint as if trained on the free grid: refused, or approximated
+    free = tmp_path / "free.pth.tar"
+    ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+    torch.save(dict(ckpt_dict, quant=dict(ckpt_dict["quant"], grid="free")), free)
+    assert E.main([str(free), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: layer1.0.conv1: the weight quantizer uses grid='free'" in err, err
+    assert "train.py --grid symmetric" in err and not out.exists()
+    with pytest.warns(UserWarning, match="nearest integer zero point"):
+        assert E.main([str(free), "-o", str(out), "--approximate"]) == 0
+    assert "=> APPROXIMATE" in capsys.readouterr().out
     # as a user runs it
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "dsq_ext.export", str(ckpt), "-o", str(out), *flags,
+    proc = subprocess.run([sys.executable, "-m", "dsq_ext.export", str(ckpt), "-o", str(out),
                            "--data", str(data / "val")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     text = proc.stdout + proc.stderr
@@ -534,7 +529,7 @@ def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     assert f"=> wrote {out} (opset 21; 19 quantized layers, input [2, 3, 32, 32])" in text, text
     assert "weight 4-bit" in text and "int4" in text and "activation 4-bit" in text, text
     assert "top-1 identical on 2/2" in text and "top-1 identical on 8/8" in text, text
-    assert ("APPROXIMATE" in text) == (not HAS_GRID)
+    assert "APPROXIMATE" not in text and "activation codes identical on 331776/331776" in text, text
     onnx.checker.check_model(onnx.load(out), full_check=True)
     model, _ = E.load_checkpoint_model(ckpt)
     assert len(dsq_ext.quantized_modules(model)) == 19 and not model.training
@@ -544,7 +539,7 @@ def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     # the parity script, on the same checkpoint and images
     report = tmp_path / "parity.json"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "onnx_parity.py"), str(ckpt), str(data),
-                           *flags, "--batch-size", "3", "--json", str(report)], cwd=REPO, env=env,
+                           "--batch-size", "3", "--json", str(report)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = json.loads(report.read_text())["reports"]
