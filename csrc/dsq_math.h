@@ -26,7 +26,7 @@
  * already in x, g or a parameter:
  *   - u <= l, or a Delta that underflows to 0, is "degenerate" on every grid:
  *     every output is l, dy/dx = 0, x <= l feeds dl and x > l feeds du.
- *   - a NaN bound makes y and every gradient NaN (as any float op would).
+ *   - a NaN or infinite bound makes y and every gradient NaN (the grid has no value).
  *   - u - l that overflows although l and u are finite (-2e38, 2e38 in float32):
  *     the op is computed on x, l and u halved (exact: a power of two) and y
  *     doubled, which gives the values of an unbounded exponent range.
@@ -133,8 +133,9 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
             upper *= (T)0.5;                                                                        \
             k.xscale = (T)0.5;                                                                      \
         }                                                                                           \
-        const int nan_bound = lower != lower || upper != upper;                                     \
-        const T nan_value = lower + upper; /* NaN when nan_bound */                                 \
+        /* a NaN or infinite bound: the grid has no value */                                        \
+        const int nan_bound = !(lower - lower == (T)0 && upper - upper == (T)0);                    \
+        const T nan_value = (lower - lower) + (upper - upper); /* NaN when nan_bound */             \
         T delta, nlev = n, z = (T)0;                                                                \
         k.cl = (T)0;                                                                                \
         k.cu = (T)0;                                                                                \
@@ -191,7 +192,7 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
         k.da_scale = live ? dtrue * k.s / (T)2 : (T)0;                                              \
         if (alpha != alpha) k.da_scale = alpha; /* NaN alpha: NaN gradient */                       \
         if (nan_bound) {                                                                            \
-            /* a NaN bound: NaN everywhere, through the free formulas below */                      \
+            /* NaN everywhere, through the free formulas below */                      \
             k.l = k.u = k.delta = k.div = k.z = nan_value;                                          \
             k.A = k.ste = k.da_scale = k.cl = k.cu = nan_value;                                     \
         }                                                                                           \

@@ -1065,12 +1065,13 @@ def test_degenerate_bounds_on_every_grid(device, mode, grid, upper_value):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("which", ["lower", "upper"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_nan_bound_propagates(device, mode, grid, which, per_channel):
-    # A NaN bound makes y and every gradient NaN (in its channel), so GradScaler and
-    # anomaly detection see it.
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_bound_propagates(device, mode, grid, which, per_channel, value):
+    # A NaN (or infinite) bound makes y and every gradient NaN (in its channel), so
+    # GradScaler and anomaly detection see it.
     x, lower, upper, a = make_case((3, 20), 4, per_channel, torch.float32, device)
     target = lower if which == "lower" else upper
-    target.view(-1)[-1] = float("nan")
+    target.view(-1)[-1] = float(value) * (-1 if which == "lower" else 1)
     g = torch.randn_like(x)
     y, gx, gl, gu, ga = kernel_grads(mode, x, lower, upper, a, 4, g, grid=grid)
     rows = slice(2, 3) if per_channel else slice(None)
