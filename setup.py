@@ -124,4 +124,6 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    # dsq_ext.export_onnx / python -m dsq_ext.export: pip install --no-build-isolation .[export]
+    extras_require={"export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5", "ml_dtypes"]},
 )

@@ -158,6 +158,11 @@ quant.add_argument('--alpha-lr-scale', default=None, type=_scale, metavar='K',
 quant.add_argument('--bounds-lr-scale', default=None, type=_scale, metavar='K',
                    help='learned bounds learn at K times --lr (0 keeps them at their first-batch '
                         'values; default: 1)')
+quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric'),
+                   help='quantization levels: free (lower + k*Delta, the paper\'s), affine (0.0 is a '
+                        'level, integer zero point, as ONNX QuantizeLinear stores it) or symmetric '
+                        '(weights; zero point 0, levels -(2^(b-1)-1)..2^(b-1)-1; activations then '
+                        'use affine) (default: free)')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -696,6 +701,7 @@ def check_args(args):
             ("--act-percentile", args.act_percentile),
             ("--alpha-lr-scale", args.alpha_lr_scale),
             ("--bounds-lr-scale", args.bounds_lr_scale),
+            ("--grid", args.grid),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:
@@ -711,6 +717,8 @@ def check_args(args):
         if args.a_bits is None and args.quantize_input:
             args.a_bits = quan_bit
         args.quantize_input = args.a_bits is not None
+        if args.grid == "symmetric" and args.w_bits is not None and args.w_bits < 2:
+            parser.error("--grid symmetric needs at least 2 weight bits (its levels are -(2^(b-1)-1)..2^(b-1)-1)")
         if args.act_percentile is not None and args.a_bits is None:
             parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
 
@@ -794,7 +802,7 @@ def quant_config(args):
     if not args.quantize:
         return dsq_ext.ModelQuantConfig()
     common = {"method": args.quantize}
-    for field in ("bounds", "alpha_init", "alpha_lr_scale", "bounds_lr_scale"):
+    for field in ("bounds", "alpha_init", "alpha_lr_scale", "bounds_lr_scale", "grid"):
         if getattr(args, field) is not None:
             common[field] = getattr(args, field)
     weight, act = dsq_ext.layer_configs(
@@ -825,6 +833,7 @@ def describe_config(cfg):
     for flag, field in (("--alpha-lr-scale", "alpha_lr_scale"), ("--bounds-lr-scale", "bounds_lr_scale")):
         if getattr(first, field) != 1.0:
             flags += [flag, f"{getattr(first, field):g}"]
+    flags += ["--grid", w.grid if w else first.grid]
     return " ".join(flags)
 
 

@@ -18,6 +18,15 @@
 #define DSQ_HOT
 #endif
 
+/* The helpers below must be inlined into each DSQ_HOT clone: a helper left out of
+ * line would be compiled once, for the baseline target, and run there (no AVX, no
+ * FMA) whichever clone called it. */
+#if defined(__GNUC__)
+#define DSQ_INLINE static inline __attribute__((always_inline))
+#else
+#define DSQ_INLINE static inline
+#endif
+
 /* bfloat16 is stored as its 16 bits and computed in float. Widening is exact;
  * narrowing rounds to nearest even and turns NaN into 0x7FC0, as c10::BFloat16 does,
  * so these kernels and ATen's conversions give the same bits. */
@@ -35,42 +44,99 @@ static inline uint16_t bf16_store(float f) {
     return f != f ? (uint16_t)0x7FC0 : rounded;
 }
 
-#define DSQ_DEFINE_KERNELS(T, SFX)                                                          \
-    DSQ_HOT void dsq_forward_##SFX(const T *restrict x, T *restrict y, int64_t n, T lower,  \
-                                   T upper, int bits) {                                     \
-        const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, (T)DSQ_ALPHA_MAX, bits); \
-        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                 \
-            y[j] = dsq_elem_forward_##SFX(k, x[j]);                                         \
-    }                                                                                       \
-                                                                                            \
-    /* mode is a compile-time constant at each call site below, so the branch on it folds */ \
-    static inline void backward_run_##SFX(const dsq_coef_##SFX k, const int mode,           \
-                                          const T *restrict g, const T *restrict x,         \
-                                          T *restrict dx, int64_t n, double sums[3]) {      \
-        for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {                                    \
-            const int64_t e = n - b < DSQ_SUB_BLOCK ? n : b + DSQ_SUB_BLOCK;                \
-            T sl = 0, su = 0, sa = 0;                                                       \
-            _Pragma("omp simd reduction(+ : sl, su, sa)") for (int64_t j = b; j < e; ++j) { \
-                const dsq_grad_##SFX d = dsq_elem_backward_##SFX(k, mode, x[j], g[j]);      \
-                dx[j] = d.dx;                                                               \
-                sl += d.dl;                                                                 \
-                su += d.du;                                                                 \
-                sa += d.da;                                                                 \
-            }                                                                               \
-            sums[0] += (double)sl;                                                          \
-            sums[1] += (double)su;                                                          \
-            sums[2] += (double)sa;                                                          \
-        }                                                                                   \
-    }                                                                                       \
-                                                                                            \
-    DSQ_HOT void dsq_backward_##SFX(const T *g, const T *x, T *dx, int64_t n, T lower,      \
-                                    T upper, T alpha, int bits, int mode, double sums[3]) { \
-        const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, alpha, bits);            \
-        if (mode == DSQ_MODE_DSQ)                                                           \
-            backward_run_##SFX(k, DSQ_MODE_DSQ, g, x, dx, n, sums);                         \
-        else                                                                                \
-            backward_run_##SFX(k, DSQ_MODE_UNIFORM, g, x, dx, n, sums);                     \
-    }
+/* Which element functions of dsq_math.h a loop runs: the free grid, the affine and
+ * symmetric grids, or either with halved bounds (an overflowing u - l; rare, not tuned). */
+enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
+
+#define DSQ_DEFINE_KERNELS(T, SFX)                                                                  \
+    /* One run that shares k. Each loop is specialised for its grid, so the free grid               \
+       runs the loop it always had. */                                                              \
+    DSQ_INLINE void forward_run_##SFX(const dsq_coef_##SFX k, const T *restrict x,               \
+                                         T *restrict y, int64_t n) {                                \
+        if (k.xscale != (T)1) {                                                                     \
+            for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_any_##SFX(k, x[j]);             \
+        } else if (k.pinned) {                                                                      \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                     \
+                y[j] = dsq_elem_forward_pinned_##SFX(k, x[j]);                                      \
+        } else {                                                                                    \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                     \
+                y[j] = dsq_elem_forward_##SFX(k, x[j]);                                             \
+        }                                                                                           \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_HOT void dsq_forward_##SFX(const T *restrict x, T *restrict y, int64_t n, T lower,          \
+                                   T upper, int bits, int grid) {                                   \
+        const dsq_coef_##SFX k =                                                                    \
+            dsq_coef_make_##SFX(lower, upper, (T)DSQ_ALPHA_MAX, bits, grid);                        \
+        forward_run_##SFX(k, x, y, n);                                                              \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_INLINE dsq_grad_##SFX backward_elem_##SFX(const dsq_coef_##SFX k, const int mode,        \
+                                                     const int run, T x, T g) {                     \
+        if (run == RUN_FREE) return dsq_elem_backward_##SFX(k, mode, x, g);                         \
+        if (run == RUN_PINNED) return dsq_elem_backward_pinned_##SFX(k, mode, x, g);                \
+        return dsq_elem_backward_any_##SFX(k, mode, x, g);                                          \
+    }                                                                                               \
+                                                                                                    \
+    /* mode and run are compile-time constants at each call site below, so the branches             \
+       on them fold */                                                                              \
+    DSQ_INLINE void backward_run_##SFX(const dsq_coef_##SFX k, const int mode,                   \
+                                          const int run, const T *restrict g,                       \
+                                          const T *restrict x, T *restrict dx, int64_t n,           \
+                                          double sums[3]) {                                         \
+        for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {                                            \
+            const int64_t e = n - b < DSQ_SUB_BLOCK ? n : b + DSQ_SUB_BLOCK;                        \
+            T sl = 0, su = 0, sa = 0;                                                               \
+            _Pragma("omp simd reduction(+ : sl, su, sa)") for (int64_t j = b; j < e; ++j) {         \
+                const dsq_grad_##SFX d = backward_elem_##SFX(k, mode, run, x[j], g[j]);             \
+                dx[j] = d.dx;                                                                       \
+                sl += d.dl;                                                                         \
+                su += d.du;                                                                         \
+                sa += d.da;                                                                         \
+            }                                                                                       \
+            sums[0] += (double)sl;                                                                  \
+            sums[1] += (double)su;                                                                  \
+            sums[2] += (double)sa;                                                                  \
+        }                                                                                           \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_INLINE void backward_dispatch_##SFX(const dsq_coef_##SFX k, const int mode,              \
+                                               const T *restrict g, const T *restrict x,            \
+                                               T *restrict dx, int64_t n, double sums[3]) {         \
+        if (k.xscale != (T)1)                                                                       \
+            backward_run_##SFX(k, mode, RUN_ANY, g, x, dx, n, sums);                                \
+        else if (k.pinned && mode == DSQ_MODE_DSQ)                                                  \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_PINNED, g, x, dx, n, sums);                     \
+        else if (k.pinned)                                                                          \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_PINNED, g, x, dx, n, sums);                 \
+        else if (mode == DSQ_MODE_DSQ)                                                              \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_FREE, g, x, dx, n, sums);                       \
+        else                                                                                        \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_FREE, g, x, dx, n, sums);                   \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_HOT void dsq_backward_##SFX(const T *g, const T *x, T *dx, int64_t n, T lower,              \
+                                    T upper, T alpha, int bits, int mode, int grid,                 \
+                                    double sums[3]) {                                               \
+        const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, alpha, bits, grid);              \
+        backward_dispatch_##SFX(k, mode, g, x, dx, n, sums);                                        \
+    }                                                                                               \
+                                                                                                    \
+    void dsq_grid_params_##SFX(const T *lower, int64_t ls, const T *upper, int64_t us,              \
+                               int64_t n, int bits, int grid, int sort_bounds, T *scale,            \
+                               T *zero_point) {                                                     \
+        for (int64_t c = 0; c < n; ++c) {                                                           \
+            T l = lower[c * ls], u = upper[c * us];                                                 \
+            if (sort_bounds && u < l) {                                                             \
+                const T t = l;                                                                      \
+                l = u;                                                                              \
+                u = t;                                                                              \
+            }                                                                                       \
+            const dsq_coef_##SFX k = dsq_coef_make_##SFX(l, u, (T)DSQ_ALPHA_MAX, bits, grid);       \
+            dsq_grid_export_##SFX(k, scale + c, zero_point + c);                                    \
+        }                                                                                           \
+    }                                                                                               \
+
 
 DSQ_DEFINE_KERNELS(float, f32)
 DSQ_DEFINE_KERNELS(double, f64)
@@ -79,21 +145,21 @@ DSQ_DEFINE_KERNELS(double, f64)
  * the float32 loops above do the work and the partial sums are formed exactly
  * as for float32 input. */
 DSQ_HOT void dsq_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n,
-                              float lower, float upper, int bits) {
-    const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, (float)DSQ_ALPHA_MAX, bits);
-    float xb[DSQ_SUB_BLOCK];
+                              float lower, float upper, int bits, int grid) {
+    const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, (float)DSQ_ALPHA_MAX, bits, grid);
+    float xb[DSQ_SUB_BLOCK], yb[DSQ_SUB_BLOCK];
     for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
         const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
         for (int64_t j = 0; j < m; ++j) xb[j] = bf16_load(x[b + j]);
-        _Pragma("omp simd") for (int64_t j = 0; j < m; ++j) xb[j] = dsq_elem_forward_f32(k, xb[j]);
-        for (int64_t j = 0; j < m; ++j) y[b + j] = bf16_store(xb[j]);
+        forward_run_f32(k, xb, yb, m);
+        for (int64_t j = 0; j < m; ++j) y[b + j] = bf16_store(yb[j]);
     }
 }
 
 DSQ_HOT void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *dx, int64_t n,
                                float lower, float upper, float alpha, int bits, int mode,
-                               double sums[3]) {
-    const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, alpha, bits);
+                               int grid, double sums[3]) {
+    const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, alpha, bits, grid);
     float xb[DSQ_SUB_BLOCK], gb[DSQ_SUB_BLOCK], db[DSQ_SUB_BLOCK];
     for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
         const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
@@ -102,10 +168,7 @@ DSQ_HOT void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *d
             gb[j] = bf16_load(g[b + j]);
         }
         /* one sub-block per call: the same partial sums as the float32 kernel's */
-        if (mode == DSQ_MODE_DSQ)
-            backward_run_f32(k, DSQ_MODE_DSQ, gb, xb, db, m, sums);
-        else
-            backward_run_f32(k, DSQ_MODE_UNIFORM, gb, xb, db, m, sums);
+        backward_dispatch_f32(k, mode, gb, xb, db, m, sums);
         for (int64_t j = 0; j < m; ++j) dx[b + j] = bf16_store(db[j]);
     }
 }

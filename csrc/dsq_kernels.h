@@ -6,6 +6,9 @@
  * either). Splitting the work into such runs, across threads, is the caller's
  * job (ops.cpp), so that the partition, and with it every reduced gradient, is
  * the same whatever the number of threads.
+ *
+ * grid is a dsq_grid (dsq_math.h): DSQ_GRID_FREE (0), DSQ_GRID_AFFINE (1) or
+ * DSQ_GRID_SYMMETRIC (2, bits >= 2).
  */
 #ifndef DSQ_KERNELS_H
 #define DSQ_KERNELS_H
@@ -16,9 +19,12 @@
 extern "C" {
 #endif
 
-/* y = l + Delta * round_half_up((clip(x, l, u) - l) / Delta); the same for DSQ and uniform. */
-void dsq_forward_f32(const float *x, float *y, int64_t n, float lower, float upper, int bits);
-void dsq_forward_f64(const double *x, double *y, int64_t n, double lower, double upper, int bits);
+/* The hard quantized value on the grid (free: l + Delta * round_half_up((clip(x, l, u) - l) / Delta));
+ * the same for DSQ and uniform. */
+void dsq_forward_f32(const float *x, float *y, int64_t n, float lower, float upper, int bits,
+                     int grid);
+void dsq_forward_f64(const double *x, double *y, int64_t n, double lower, double upper, int bits,
+                     int grid);
 
 /*
  * One fused pass over (x, g): writes dx = g * dy/dx and adds to sums[0..2]
@@ -28,14 +34,26 @@ void dsq_forward_f64(const double *x, double *y, int64_t n, double lower, double
  * elements, then accumulated in double.
  */
 void dsq_backward_f32(const float *g, const float *x, float *dx, int64_t n, float lower,
-                      float upper, float alpha, int bits, int mode, double sums[3]);
+                      float upper, float alpha, int bits, int mode, int grid, double sums[3]);
 void dsq_backward_f64(const double *g, const double *x, double *dx, int64_t n, double lower,
-                      double upper, double alpha, int bits, int mode, double sums[3]);
+                      double upper, double alpha, int bits, int mode, int grid, double sums[3]);
 
 /* bfloat16 storage (its 16 bits), computed in float32. */
-void dsq_forward_bf16(const uint16_t *x, uint16_t *y, int64_t n, float lower, float upper, int bits);
+void dsq_forward_bf16(const uint16_t *x, uint16_t *y, int64_t n, float lower, float upper, int bits,
+                      int grid);
 void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *dx, int64_t n, float lower,
-                       float upper, float alpha, int bits, int mode, double sums[3]);
+                       float upper, float alpha, int bits, int mode, int grid, double sums[3]);
+
+/*
+ * The scale (Delta) and zero point of the grid the kernels use, for n channels:
+ * channel c has bounds lower[c * ls], upper[c * us] (a stride of 0 repeats a
+ * per-tensor bound), swapped where sort_bounds and upper < lower.
+ */
+void dsq_grid_params_f32(const float *lower, int64_t ls, const float *upper, int64_t us, int64_t n,
+                         int bits, int grid, int sort_bounds, float *scale, float *zero_point);
+void dsq_grid_params_f64(const double *lower, int64_t ls, const double *upper, int64_t us,
+                         int64_t n, int bits, int grid, int sort_bounds, double *scale,
+                         double *zero_point);
 
 /* The fast float tanh the DSQ backward uses, exposed so that its error can be tested. */
 void dsq_tanh_f32_array(const float *x, float *y, int64_t n);

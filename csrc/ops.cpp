@@ -66,28 +66,30 @@ struct Param {
 };
 
 template <typename T>
-void forward_kernel(const T* x, T* y, int64_t n, T l, T u, int bits);
+void forward_kernel(const T* x, T* y, int64_t n, T l, T u, int bits, int grid);
 template <>
-void forward_kernel<float>(const float* x, float* y, int64_t n, float l, float u, int bits) {
-    dsq_forward_f32(x, y, n, l, u, bits);
+void forward_kernel<float>(const float* x, float* y, int64_t n, float l, float u, int bits,
+                           int grid) {
+    dsq_forward_f32(x, y, n, l, u, bits, grid);
 }
 template <>
-void forward_kernel<double>(const double* x, double* y, int64_t n, double l, double u, int bits) {
-    dsq_forward_f64(x, y, n, l, u, bits);
+void forward_kernel<double>(const double* x, double* y, int64_t n, double l, double u, int bits,
+                            int grid) {
+    dsq_forward_f64(x, y, n, l, u, bits, grid);
 }
 
 template <typename T>
 void backward_kernel(const T* g, const T* x, T* dx, int64_t n, T l, T u, T a, int bits, int mode,
-                     double* sums);
+                     int grid, double* sums);
 template <>
 void backward_kernel<float>(const float* g, const float* x, float* dx, int64_t n, float l, float u,
-                            float a, int bits, int mode, double* sums) {
-    dsq_backward_f32(g, x, dx, n, l, u, a, bits, mode, sums);
+                            float a, int bits, int mode, int grid, double* sums) {
+    dsq_backward_f32(g, x, dx, n, l, u, a, bits, mode, grid, sums);
 }
 template <>
 void backward_kernel<double>(const double* g, const double* x, double* dx, int64_t n, double l,
-                             double u, double a, int bits, int mode, double* sums) {
-    dsq_backward_f64(g, x, dx, n, l, u, a, bits, mode, sums);
+                             double u, double a, int bits, int mode, int grid, double* sums) {
+    dsq_backward_f64(g, x, dx, n, l, u, a, bits, mode, grid, sums);
 }
 
 // bfloat16 goes to the C kernels as its 16 bits (c10::BFloat16 is one uint16_t).
@@ -131,15 +133,15 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
         T l, u;
         bounds(lo, up, c, opt.sort_bounds, l, u);
         if constexpr (std::is_same_v<scalar_t, T>) {
-            forward_kernel<T>(x + start, y + start, len, l, u, bits);
+            forward_kernel<T>(x + start, y + start, len, l, u, bits, opt.grid);
         } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            dsq_forward_bf16(bits16(x + start), bits16(y + start), len, l, u, bits);
+            dsq_forward_bf16(bits16(x + start), bits16(y + start), len, l, u, bits, opt.grid);
         } else {
             T bx[kChunk], by[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
                 const int64_t m = std::min(kChunk, len - s);
                 for (int64_t j = 0; j < m; ++j) bx[j] = static_cast<T>(x[start + s + j]);
-                forward_kernel<T>(bx, by, m, l, u, bits);
+                forward_kernel<T>(bx, by, m, l, u, bits, opt.grid);
                 for (int64_t j = 0; j < m; ++j) y[start + s + j] = static_cast<scalar_t>(by[j]);
             }
         }
@@ -162,10 +164,10 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
         const bool swapped = bounds(lo, up, c, opt.sort_bounds, l, u);
         if constexpr (std::is_same_v<scalar_t, T>) {
             backward_kernel<T>(g + start, x + start, dx + start, len, l, u, al[c], bits, mode,
-                               sums);
+                               opt.grid, sums);
         } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
             dsq_backward_bf16(bits16(g + start), bits16(x + start), bits16(dx + start), len, l,
-                              u, al[c], bits, mode, sums);
+                              u, al[c], bits, mode, opt.grid, sums);
         } else {
             T bg[kChunk], bx[kChunk], bd[kChunk];
             for (int64_t s = 0; s < len; s += kChunk) {
@@ -174,7 +176,7 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
                     bg[j] = static_cast<T>(g[start + s + j]);
                     bx[j] = static_cast<T>(x[start + s + j]);
                 }
-                backward_kernel<T>(bg, bx, bd, m, l, u, al[c], bits, mode, sums);
+                backward_kernel<T>(bg, bx, bd, m, l, u, al[c], bits, mode, opt.grid, sums);
                 for (int64_t j = 0; j < m; ++j) dx[start + s + j] = static_cast<scalar_t>(bd[j]);
             }
         }
@@ -244,6 +246,20 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
     return r;
 }
 
+// lower and upper: contiguous, in the compute type (scale's dtype).
+void grid_params_cpu(const at::Tensor& lower, const at::Tensor& upper, int bits, int grid,
+                     bool sort_bounds, at::Tensor& scale, at::Tensor& zero_point) {
+    const int64_t ls = lower.numel() == 1 ? 0 : 1, us = upper.numel() == 1 ? 0 : 1;
+    if (scale.scalar_type() == at::kDouble)
+        dsq_grid_params_f64(lower.const_data_ptr<double>(), ls, upper.const_data_ptr<double>(), us,
+                            scale.numel(), bits, grid, sort_bounds, scale.data_ptr<double>(),
+                            zero_point.data_ptr<double>());
+    else
+        dsq_grid_params_f32(lower.const_data_ptr<float>(), ls, upper.const_data_ptr<float>(), us,
+                            scale.numel(), bits, grid, sort_bounds, scale.data_ptr<float>(),
+                            zero_point.data_ptr<float>());
+}
+
 at::Tensor fast_tanh_cpu(const at::Tensor& x) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "_fast_tanh: x must be float32, got ",
                 dtype_name(x.scalar_type()));
@@ -255,29 +271,35 @@ at::Tensor fast_tanh_cpu(const at::Tensor& x) {
 
 }  // namespace
 
-// grad_scale and sort_bounds: see Options in checks.h. The forward ops take
+// grad_scale, sort_bounds and grid: see Options in checks.h. The forward ops take
 // grad_scale too, although their value does not depend on it, so that their
 // autograd formula (dsq_ext/ops.py) can pass it on to the backward op.
 TORCH_LIBRARY(dsq_ext, m) {
     m.def(
         "dsq_quantize(Tensor x, Tensor lower, Tensor upper, Tensor alpha, int bits, "
-        "float grad_scale=1., bool sort_bounds=False) -> Tensor");
+        "float grad_scale=1., bool sort_bounds=False, str grid=\"free\") -> Tensor");
     m.def(
         "dsq_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, Tensor alpha, "
-        "int bits, float grad_scale=1., bool sort_bounds=False) "
+        "int bits, float grad_scale=1., bool sort_bounds=False, str grid=\"free\") "
         "-> (Tensor, Tensor, Tensor, Tensor)");
     m.def(
         "uniform_quantize(Tensor x, Tensor lower, Tensor upper, int bits, "
-        "float grad_scale=1., bool sort_bounds=False) -> Tensor");
+        "float grad_scale=1., bool sort_bounds=False, str grid=\"free\") -> Tensor");
     m.def(
         "uniform_quantize_backward(Tensor grad, Tensor x, Tensor lower, Tensor upper, int bits, "
-        "float grad_scale=1., bool sort_bounds=False) -> (Tensor, Tensor, Tensor)");
+        "float grad_scale=1., bool sort_bounds=False, str grid=\"free\") "
+        "-> (Tensor, Tensor, Tensor)");
+    // The scale (Delta) and zero point of the grid the kernels use, per element of
+    // lower/upper, computed by the kernels' own code (dsq_coef_make): for export.
+    m.def(
+        "grid_params(Tensor lower, Tensor upper, int bits, str grid, bool sort_bounds=False) "
+        "-> (Tensor scale, Tensor zero_point)");
     // The float tanh approximation the CPU DSQ backward uses; exposed for its accuracy test.
     m.def("_fast_tanh(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsq_ext, CPU, m) {
-    Kernels<forward_cpu, backward_cpu>::register_all(m);
+    Kernels<forward_cpu, backward_cpu, grid_params_cpu>::register_all(m);
     m.impl("_fast_tanh", &fast_tanh_cpu);
 }
 

@@ -3,6 +3,7 @@
 import torch, dsq_ext
 y = dsq_ext.dsq_quantize(x, lower, upper, alpha, bits=4)
 model = dsq_ext.quantize_model(model, method="dsq", w_bits=4, a_bits=4)
+dsq_ext.export_onnx(model.eval(), example_batch, "model.onnx")
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
@@ -45,6 +46,7 @@ __all__ = [
     "build_info",
     "dsq_quantize",
     "dsq_quantize_backward",
+    "export_onnx",
     "layer_configs",
     "param_groups",
     "quantizable_layers",
@@ -54,6 +56,16 @@ __all__ = [
     "uniform_quantize",
     "uniform_quantize_backward",
 ]
+
+
+def __getattr__(name):
+    # dsq_ext.export (onnx, onnxruntime: the `export` extra) is imported on first use, so that
+    # `python -m dsq_ext.export` runs it once, as __main__.
+    if name == "export_onnx":
+        from .export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'dsq_ext' has no attribute {name!r}")
 
 
 def build_info() -> dict:

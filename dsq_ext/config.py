@@ -21,6 +21,10 @@ __all__ = ["QuantConfig", "ModelQuantConfig", "layer_configs", "resolve_layer_co
 
 METHODS = ("dsq", "uniform")
 BOUNDS = ("learned", "ema")
+# The kernels' grids (dsq_ext.ops.GRIDS; docs/DSQ_MATH.md): "free" puts the
+# levels at lower + k*Delta; "affine" and "symmetric" put 0.0 on a level with an
+# integer zero point, as ONNX QuantizeLinear/DequantizeLinear hold them.
+GRIDS = ("free", "affine", "symmetric")
 
 # Fields that only matter before the first training step (they initialise state
 # that the checkpoint then holds), so a resumed run may name other values.
@@ -29,7 +33,7 @@ INIT_ONLY = ("alpha_init", "percentile")
 # Fields added after checkpoints were first written, with the value that a dict
 # written before the field existed means (the behaviour it was trained with),
 # which need not be today's default.
-_LEGACY = {}
+_LEGACY = {"grid": "free"}
 
 # The checkpoint format of ModelQuantConfig.to_dict. Format 1 is the flat dict
 # train.py wrote before (method, w_bits, a_bits, per_channel, ...).
@@ -69,6 +73,9 @@ class QuantConfig:
     # dsq_ext.param_groups (0 freezes them at their initial values).
     alpha_lr_scale: float = 1.0
     bounds_lr_scale: float = 1.0
+    # Where the levels lie (GRIDS). "symmetric" is for weights: zero point 0,
+    # the narrow signed range +-(2^(b-1)-1), so it needs bits >= 2.
+    grid: str = "free"
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -77,6 +84,10 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.bounds not in BOUNDS:
             raise ValueError(f"bounds must be one of {BOUNDS}, got {self.bounds!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "symmetric" and self.bits < 2:
+            raise ValueError(f"grid 'symmetric' needs bits >= 2, got bits={self.bits}")
         if not isinstance(self.per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {self.per_channel!r}")
         if not isinstance(self.grad_scale, bool):
@@ -125,6 +136,8 @@ class QuantConfig:
         text += f", {self.bounds} bounds"
         if self.percentile is not None:
             text += f" from the p{self.percentile:g} range"
+        if self.grid != "free":
+            text += f", {self.grid} grid"
         return text
 
 
@@ -154,6 +167,10 @@ def layer_configs(
         if bits is not None and not (_is_int(bits) and 1 <= bits <= 8):
             raise ValueError(f"{name} must be an int in 1..8 or None, got {bits!r}")
     weight = None if w_bits is None else QuantConfig(bits=w_bits, per_channel=per_channel, **fields)
+    # Activations (post-ReLU, mostly) take the affine grid where weights are
+    # symmetric: a symmetric grid would spend half its levels on negative values.
+    if fields.get("grid") == "symmetric":
+        fields["grid"] = "affine"
     act = None if a_bits is None else QuantConfig(bits=a_bits, percentile=act_percentile, **fields)
     return weight, act
 
@@ -280,6 +297,8 @@ class ModelQuantConfig:
         common = {"method": d["method"], "bounds": d.get("bounds") or "learned"}
         if d.get("alpha_init") is not None:
             common["alpha_init"] = d["alpha_init"]
+        if d.get("grid") is not None:
+            common["grid"] = d["grid"]
         weight, act = layer_configs(
             w_bits=d.get("w_bits"),
             a_bits=d.get("a_bits"),
@@ -304,6 +323,9 @@ class ModelQuantConfig:
             text += ", per-channel weights"
         if a is not None and a.percentile is not None:
             text += f", activation bounds from p{a.percentile:g}"
+        grids = [c.grid for c in (w, a) if c is not None]
+        if set(grids) != {"free"}:
+            text += f", {grids[0]} grid" if len(set(grids)) == 1 else f", {w.grid}/{a.grid} grids"
         if not (self.skip_first and self.skip_last):
             text += ", first/last layers quantized"
         return text

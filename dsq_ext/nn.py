@@ -12,6 +12,13 @@ those gradients by 1 / sqrt(elements per channel * (2^b - 1)), so that a
 learning rate that suits the weights (the ImageNet example's 0.1) also suits
 the quantizer parameters. The values are unchanged; `grad_scale=False` turns
 this off.
+
+Grid. `grid="free"` puts the levels at lower + k*Delta (the paper's). "affine"
+and "symmetric" put 0.0 on a level with an integer zero point, so that integer
+runtimes (ONNX QuantizeLinear/DequantizeLinear) hold the trained grid exactly
+(docs/DSQ_MATH.md). A layer's `grid` applies to its weight; its activation
+quantizer uses "affine" where the layer says "symmetric" (a symmetric grid would
+spend half its levels on negative values that post-ReLU activations never take).
 """
 
 from __future__ import annotations
@@ -110,11 +117,13 @@ class Quantizer(nn.Module):
     method = property(lambda self: self.config.method)
     bounds = property(lambda self: self.config.bounds)
     percentile = property(lambda self: self.config.percentile)
+    grid = property(lambda self: self.config.grid)
 
     def extra_repr(self) -> str:
         per = f"per_channel({self.channels})" if self.channels is not None else "per_tensor"
         pct = f", percentile={self.percentile:g}" if self.percentile is not None else ""
-        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}"
+        grid = f", grid={self.grid}" if self.grid != "free" else ""
+        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}{grid}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -194,12 +203,10 @@ class Quantizer(nn.Module):
         if self.config.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
-        sort = self.bounds == "learned"
+        kw = {"grad_scale": s, "sort_bounds": self.bounds == "learned", "grid": self.grid}
         if self.method == "dsq":
-            return ops.dsq_quantize(
-                x, self.lower, self.upper, self.alpha, self.bits, grad_scale=s, sort_bounds=sort
-            )
-        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, grad_scale=s, sort_bounds=sort)
+            return ops.dsq_quantize(x, self.lower, self.upper, self.alpha, self.bits, **kw)
+        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, **kw)
 
 
 class _QuantMixin:

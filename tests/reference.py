@@ -109,3 +109,60 @@ def interval_position(x, lower, upper, bits):
     v = torch.clamp((torch.clamp(x, min=l, max=u) - l) / delta, max=n)
     i = torch.clamp(torch.floor(v), max=n - 1)
     return v, v - i - 0.5
+
+
+def grid_of(lower, upper, bits, grid, x=None):
+    """(delta, z, nlev) of the affine or symmetric grid in float64, z as a constant.
+
+    affine: Delta = (u - l)/N, z = clamp(round_half_even(-l/Delta), 0, N), levels 0..N;
+    symmetric: Delta = max(-l, u)/Qp, Qp = 2^(b-1) - 1, z = Qp, levels 0..2Qp (signed q - z).
+    """
+    l = lower.to(torch.float64) if x is None else _per_channel(lower, x)
+    u = upper.to(torch.float64) if x is None else _per_channel(upper, x)
+    if grid == "affine":
+        nlev = 2**bits - 1
+        delta = (u - l) / nlev
+        z = torch.clamp(torch.round(-l / delta), 0, nlev).detach()
+    elif grid == "symmetric":
+        qp = 2 ** (bits - 1) - 1
+        nlev = 2 * qp
+        delta = torch.maximum(-l, u) / qp  # a tie splits the gradient, as torch.maximum does
+        z = torch.full_like(delta, float(qp)).detach()
+    else:
+        raise ValueError(grid)
+    return delta, z, nlev
+
+
+def grid_composite(x, lower, upper, alpha, bits, mode="dsq", grid="affine"):
+    """y on the affine or symmetric grid as differentiable float64 torch ops; requires u > l.
+
+    The forward is QuantizeLinear -> clip -> DequantizeLinear: q = clamp(round_half_even(x/Delta)
+    + z, 0, nlev), y = (q - z)*Delta. The gradient is the free grid's soft staircase (or
+    straight-through) on v = x/Delta + z, with z held constant, differentiated by autograd.
+    """
+    x = x.to(torch.float64)
+    delta, z, nlev = grid_of(lower, upper, bits, grid, x)
+    t = x / delta
+    q_hard = torch.clamp(torch.round(t.detach()) + z, 0, nlev)
+    v = t + z
+    # clipped to [0, nlev], both ends inside; no gradient outside, where y is a constant level
+    v = torch.where((v >= 0) & (v <= nlev), v, torch.clamp(v.detach(), 0, nlev))
+    if mode == "uniform":
+        soft = v - v.detach()
+    else:
+        a = _alpha_eff(_per_channel(alpha, x), delta)
+        s = 1.0 / (1.0 - a)
+        L = torch.log(2.0 / a - 1.0)
+        i = torch.clamp(torch.floor(v.detach()), max=nlev - 1)
+        phi = s * torch.tanh(L * (v - i - 0.5))
+        soft = (phi - phi.detach()) / 2.0
+    return (q_hard + soft - z) * delta
+
+
+def grid_position(x, lower, upper, bits, grid):
+    """(v, r) on the affine or symmetric grid in float64, to keep test points off boundaries."""
+    x = x.to(torch.float64)
+    delta, z, nlev = grid_of(lower, upper, bits, grid, x)
+    v = torch.clamp(x / delta + z, 0, nlev)
+    i = torch.clamp(torch.floor(v), max=nlev - 1)
+    return x / delta + z, v - i - 0.5

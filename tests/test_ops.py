@@ -3,15 +3,19 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
-from reference import closed_form, composite, interval_position
+from reference import closed_form, composite, grid_composite, grid_of, grid_position, interval_position
 
 import dsq_ext
 from dsq_ext import dsq_quantize, uniform_quantize
+from dsq_ext.ops import grid_params
 
 ops = torch.ops.dsq_ext
 MODES = ("dsq", "uniform")
+GRIDS = ("free", "affine", "symmetric")
+PINNED = ("affine", "symmetric")  # the grids with an integer zero point
 # (forward atol, per-element grad atol, reduction tolerance per unit of sum|g|)
 TOL = {
     torch.float64: (1e-12, 1e-10, 1e-10),
@@ -20,10 +24,10 @@ TOL = {
 }
 
 
-def quantize(mode, x, lower, upper, alpha, bits):
+def quantize(mode, x, lower, upper, alpha, bits, **options):
     if mode == "dsq":
-        return dsq_quantize(x, lower, upper, alpha, bits)
-    return uniform_quantize(x, lower, upper, bits)
+        return dsq_quantize(x, lower, upper, alpha, bits, **options)
+    return uniform_quantize(x, lower, upper, bits, **options)
 
 
 def make_case(shape, bits, per_channel, dtype, device, alpha=0.2, spread=1.5):
@@ -53,9 +57,9 @@ def make_case(shape, bits, per_channel, dtype, device, alpha=0.2, spread=1.5):
     )
 
 
-def kernel_grads(mode, x, lower, upper, alpha, bits, g):
+def kernel_grads(mode, x, lower, upper, alpha, bits, g, **options):
     leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper, alpha)]
-    y = quantize(mode, *leaves, bits)
+    y = quantize(mode, *leaves, bits, **options)
     inputs = leaves if mode == "dsq" else leaves[:3]
     grads = torch.autograd.grad(y, inputs, g)
     if mode == "uniform":
@@ -175,10 +179,10 @@ def test_gradcheck_surrogate(mode, bits):
 # per-channel reductions per-element gradients.
 
 
-def per_element_grads(mode, x, lower, upper, alpha, bits):
+def per_element_grads(mode, x, lower, upper, alpha, bits, **options):
     n = x.numel()
     rep = lambda t: t.expand(n).clone()  # noqa: E731
-    return kernel_grads(mode, x, rep(lower), rep(upper), rep(alpha), bits, torch.ones_like(x))
+    return kernel_grads(mode, x, rep(lower), rep(upper), rep(alpha), bits, torch.ones_like(x), **options)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -711,3 +715,550 @@ def test_deterministic_on_device(device, mode):
     for _ in range(2):
         for r, t in zip(first, kernel_grads(mode, x, lower, upper, a, 4, g)):
             assert torch.equal(r, t)
+
+
+# ---------------------------------------------------------------------------
+# The affine and symmetric grids (0.0 is a level, integer zero point)
+
+
+def make_grid_case(shape, bits, per_channel, dtype, device, grid, alpha=0.2):
+    """Random x and bounds for a grid, kept off its rounding boundaries and range ends by 1%.
+
+    Bounds are sometimes both positive (affine: the grid then starts at 0). The affine
+    zero point -l/Delta is kept off half-integers, where float32 and float64 could round
+    it differently.
+    """
+    c = shape[0]
+    pshape = (c,) if per_channel else ()
+    n = 2**bits - 1
+    lower = -1.0 + 1.4 * torch.rand(pshape, dtype=torch.float64)
+    upper = lower + 0.5 + torch.rand(pshape, dtype=torch.float64)
+    ratio = -lower / ((upper - lower) / n)
+    near_half = ((ratio - ratio.floor() - 0.5).abs() < 0.02) & (ratio > 0) & (ratio < n)
+    lower = torch.where(near_half, lower - 0.05 * (upper - lower) / n, lower)
+    lower, upper = lower.float().double(), upper.float().double()  # exactly what the kernel sees
+    x = 1.5 * torch.randn(shape, dtype=torch.float64)
+    delta, z, nlev = grid_of(lower, upper, bits, grid, x)
+    for _ in range(3):
+        v, r = grid_position(x, lower, upper, bits, grid)
+        near = (r.abs() < 0.01) | (v.abs() < 0.01) | ((v - nlev).abs() < 0.01)
+        x = torch.where(near, x + 0.02 * delta, x)
+    f32 = dict(dtype=torch.float32, device=device)
+    return (
+        x.to(dtype=dtype, device=device),
+        lower.to(**f32),
+        upper.to(**f32),
+        torch.full(pshape if per_channel else (), alpha, **f32),
+    )
+
+
+def grid_reference_grads(mode, x, lower, upper, alpha, bits, g, grid):
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, lower, upper, alpha)]
+    y = grid_composite(*leaves, bits, mode, grid)
+    grads = torch.autograd.grad(y, leaves if mode == "dsq" else leaves[:3], g.cpu().double())
+    if mode == "uniform":
+        grads = (*grads, torch.zeros_like(leaves[3]))
+    return (y.detach(), *grads)
+
+
+def assert_matches_grid_reference(mode, x, lower, upper, alpha, bits, g, grid):
+    got = kernel_grads(mode, x, lower, upper, alpha, bits, g, grid=grid)
+    want = grid_reference_grads(mode, x, lower, upper, alpha, bits, g, grid)
+    fwd, elem, red = TOL[x.dtype]
+    scale = g.abs().sum().item() + 1.0
+    torch.testing.assert_close(got[0].cpu().double(), want[0], atol=fwd, rtol=0, msg="y")
+    torch.testing.assert_close(got[1].cpu().double(), want[1], atol=elem, rtol=1e-4, msg="grad x")
+    for name, k, r in zip(("lower", "upper", "alpha"), got[2:], want[2:]):
+        assert k.shape == r.shape and k.dtype == torch.float32, name
+        torch.testing.assert_close(k.cpu().double(), r, atol=red * scale, rtol=2e-7, msg=name)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode, alpha", [("dsq", 0.05), ("dsq", 0.3), ("uniform", 0.2)])
+def test_grid_matches_reference(device, mode, alpha, dtype, per_channel, grid, bits):
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    x, lower, upper, a = make_grid_case((6, 5, 7), bits, per_channel, dtype, device, grid, alpha)
+    g = torch.randn_like(x)
+    assert_matches_grid_reference(mode, x, lower, upper, a, bits, g, grid)
+
+
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_large_tensor_and_mixed_parameters(device, mode, grid):
+    x, lower, upper, a = make_grid_case((3, 64, 41, 41), 4, False, torch.float32, device, grid)
+    assert_matches_grid_reference(mode, x, lower, upper, a, 4, torch.randn_like(x), grid)
+    x, lower, upper, a = make_grid_case((5, 3, 40), 3, True, torch.float32, device, grid)
+    upper1 = upper.max().reshape(1)  # per-channel lower, per-tensor upper and alpha
+    assert_matches_grid_reference(mode, x, lower, upper1, a[0], 3, torch.randn_like(x), grid)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_symmetric_tie_splits_the_scale_gradient(mode):
+    # -l == u: the scale max(-l, u) takes half of its gradient from each bound.
+    x = torch.linspace(-1.3, 1.3, 53, dtype=torch.float64)
+    lower, upper, a = (torch.tensor(v, dtype=torch.float64) for v in (-1.0, 1.0, 0.2))
+    g = torch.randn_like(x)
+    y, gx, gl, gu, ga = kernel_grads(mode, x, lower, upper, a, 3, g, grid="symmetric")
+    want = grid_reference_grads(mode, x, lower, upper, a, 3, g, "symmetric")
+    for k, r in zip((y, gx, gl, gu, ga), want):
+        torch.testing.assert_close(k, r, atol=1e-12, rtol=1e-12)
+    assert gl == -gu and gu != 0
+    # a wider upper takes it all
+    _, _, gl2, gu2, _ = kernel_grads(mode, x, lower, upper + 0.25, a, 3, g, grid="symmetric")
+    assert gl2 == 0 and gu2 != 0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_identities(mode, grid, bits):
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    # Scaling x, l and u together scales y (inside and outside the range); with z held,
+    # y depends on l and u only through Delta. One channel per element gives per-element
+    # gradients.
+    x = torch.linspace(-2.2, 2.2, 301, dtype=torch.float64)
+    lower, upper = torch.tensor(-0.7, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
+    y, gx, gl, gu, _ = per_element_grads(mode, x, lower, upper, torch.tensor(0.2).double(), bits, grid=grid)
+    torch.testing.assert_close(x * gx + lower * gl + upper * gu, y, atol=1e-12, rtol=0)
+    if grid == "affine":
+        torch.testing.assert_close(gl, -gu, atol=0, rtol=0)
+    else:
+        assert (gl == 0).all()  # u > -l: the scale is u's
+
+
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_exact_points(device, mode, bits, dtype, grid):
+    # The levels (k - z)*Delta, their midpoints (round half to even), quarter points and
+    # points beyond the range, on bounds where Delta and the levels are exact in every dtype.
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    delta, n = 0.25, 2**bits - 1
+    if grid == "affine":
+        z = float(min(2, n))
+        nlev, lo, hi = n, -z * delta, (n - z) * delta
+    else:
+        z = float(2 ** (bits - 1) - 1)
+        nlev, lo, hi = 2 * z, -z * delta, z * delta
+    k = torch.arange(nlev + 1, dtype=torch.float64) - z  # the signed levels
+    mid = k[:-1] + 0.5
+    x = torch.cat([k, mid, k[:-1] + 0.25, k[:-1] + 0.75, torch.tensor([k[0] - 3, k[-1] + 3])]) * delta
+    to_even = 2 * torch.round(mid / 2)  # the even one of the two neighbours (mid/2 is never a tie)
+    want = torch.cat([k, to_even, k[:-1], k[:-1] + 1, torch.tensor([k[0], k[-1]])]) * delta
+    lower, upper = torch.tensor(lo, device=device), torch.tensor(hi, device=device)
+    a = torch.tensor(0.2, device=device)
+    y = quantize(mode, x.to(dtype=dtype, device=device), lower, upper, a, bits, grid=grid)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double().cpu(), want, atol=0, rtol=0)
+
+
+def onnx_qdq(x, scale, zero_point, bits, grid):
+    """ONNX QuantizeLinear -> clip to the b-bit range -> DequantizeLinear, in float32 torch ops.
+
+    QuantizeLinear is saturate(round_half_to_even(x / scale) + zero_point) with a true
+    division; DequantizeLinear is (float)(q - zero_point) * scale. The symmetric grid is
+    stored as int8 with zero point 0, its level q - z.
+    """
+    if scale.dim() == 1:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    if grid == "affine":
+        q = torch.clamp(torch.round(x / scale) + zero_point, 0, 2**bits - 1)
+        return (q - zero_point) * scale
+    qp = 2 ** (bits - 1) - 1
+    return torch.clamp(torch.round(x / scale), -qp, qp) * scale
+
+
+def qdq_case(bits, per_channel, grid, device, c=6):
+    lower = -1.0 + 1.4 * torch.rand((c,) if per_channel else ())
+    upper = lower + 0.3 + torch.rand((c,) if per_channel else ())
+    scale, zp = grid_params(lower, upper, bits, grid)
+    s = scale.reshape(-1, 1) if per_channel else scale
+    k = torch.randint(-300, 300, (c, 500)).float()
+    # random points, exact level midpoints (ties) and exact levels, and beyond the range
+    x = torch.cat([1.5 * torch.randn(c, 2000), (k + 0.5) * s, k * s, 1e30 * torch.randn(c, 3)], 1)
+    return x.to(device), lower.to(device), upper.to(device), scale, zp
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grid_forward_is_onnx_qdq_bit_for_bit(device, per_channel, grid, bits):
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    x, lower, upper, scale, zp = qdq_case(bits, per_channel, grid, device)
+    want = onnx_qdq(x.cpu(), scale, zp, bits, grid)
+    for mode in MODES:
+        y = quantize(mode, x, lower, upper, torch.tensor(0.2, device=device), bits, grid=grid)
+        assert torch.equal(y.cpu(), want), mode
+    # float16 and bfloat16 are computed in float32 and rounded once
+    for dtype in (torch.float16, torch.bfloat16):
+        xr = x.to(dtype)
+        y = uniform_quantize(xr, lower, upper, bits, grid=grid)
+        assert torch.equal(y.cpu(), onnx_qdq(xr.cpu().float(), scale, zp, bits, grid).to(dtype)), dtype
+
+
+def onnxruntime_qdq(scale, zero_point, bits, grid):
+    """An onnxruntime session of QuantizeLinear -> Clip -> DequantizeLinear (opset 13)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    if grid == "affine":
+        qtype, zp, qmin, qmax = np.uint8, zero_point.numpy().astype(np.uint8), 0, 2**bits - 1
+    else:
+        qp = 2 ** (bits - 1) - 1
+        qtype, zp, qmin, qmax = np.int8, np.zeros(zero_point.shape, np.int8), -qp, qp
+    axis = {"axis": 0} if scale.dim() == 1 else {}
+    inits = [
+        numpy_helper.from_array(scale.numpy(), "scale"),
+        numpy_helper.from_array(zp, "zero_point"),
+        numpy_helper.from_array(np.array(qmin, qtype), "qmin"),
+        numpy_helper.from_array(np.array(qmax, qtype), "qmax"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"], **axis),
+        helper.make_node("Clip", ["q", "qmin", "qmax"], ["qc"]),
+        helper.make_node("DequantizeLinear", ["qc", "scale", "zero_point"], ["y"], **axis),
+    ]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["C", "K"]) for n in ("x", "y")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "qdq", io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 13)]
+    )
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_grid_forward_equals_onnxruntime(device, per_channel, grid, bits):
+    x, lower, upper, scale, zp = qdq_case(bits, per_channel, grid, device)
+    sess = onnxruntime_qdq(scale, zp, bits, grid)
+    want = torch.from_numpy(sess.run(None, {"x": x.cpu().numpy()})[0])
+    y = uniform_quantize(x, lower, upper, bits, grid=grid)
+    assert torch.equal(y.cpu(), want)
+
+
+# ---------------------------------------------------------------------------
+# grid_params: the scale and zero point the kernels use
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("grid", GRIDS)
+def test_grid_params_values(device, grid, bits):
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    for dtype in (torch.float32, torch.float64):
+        lower = (-1.0 + 1.4 * torch.rand(7, dtype=torch.float64)).to(dtype)
+        upper = (lower.double() + 0.2 + torch.rand(7, dtype=torch.float64)).to(dtype)
+        scale, zp = grid_params(lower.to(device), upper.to(device), bits, grid)
+        assert scale.dtype == zp.dtype == dtype and scale.shape == zp.shape == (7,)
+        n = 2**bits - 1
+        # the same float operations in the same type as the kernels
+        if grid == "symmetric":
+            qp = 2 ** (bits - 1) - 1
+            want_s, want_z = torch.maximum(-lower, upper) / qp, torch.full_like(lower, qp)
+        else:
+            want_s = (upper - lower) / n
+            want_z = -lower / want_s
+            if grid == "affine":
+                want_z = torch.clamp(torch.round(want_z), 0, n)
+        assert torch.equal(scale.cpu(), want_s) and torch.equal(zp.cpu(), want_z)
+
+
+def test_grid_params_shapes_dtypes_and_options(device):
+    f = lambda *v: torch.tensor(v if len(v) > 1 else v[0], device=device)  # noqa: E731
+    s, z = grid_params(f(-1.0), f(2.0), 2, "affine")
+    assert s.shape == () and s.item() == 1.0 and z.item() == 1.0
+    s, z = grid_params(f(-1.0, -2.5), f(2.0), 2, "affine")  # per-channel lower, per-tensor upper
+    assert s.shape == (2,) and s.tolist() == [1.0, 1.5] and z.tolist() == [1.0, 2.0]
+    s, z = grid_params(f(-1.0).reshape(1), f(2.0), 2, "affine")
+    assert s.shape == (1,)
+    s, _ = grid_params(f(-1.0).half(), f(2.0).double(), 2, "affine")
+    assert s.dtype == torch.float32  # lower's dtype decides: float64 only for float64 lower
+    # sort_bounds: crossed bounds are used swapped, as the kernels do
+    crossed = grid_params(f(2.0, -1.0), f(-1.0, 2.0), 3, "symmetric", sort_bounds=True)
+    assert torch.equal(crossed[0], grid_params(f(-1.0, -1.0), f(2.0, 2.0), 3, "symmetric")[0])
+    # degenerate (upper <= lower; not sorted): scale 0 and zero point 0; NaN bound: NaN
+    for grid in GRIDS:
+        s, z = grid_params(f(0.5, 0.5, float("nan"), -1.0), f(0.5, -1.0, 1.0, float("nan")), 4, grid)
+        assert s[:2].tolist() == [0.0, 0.0] and z[:2].tolist() == [0.0, 0.0]
+        assert torch.isnan(s[2:]).all() and torch.isnan(z[2:]).all()
+
+
+def test_grid_params_are_the_kernels_grid(device):
+    # Per channel, including bounds whose u - l overflows and a degenerate channel:
+    # the levels of the forward are exactly (k - z)*scale.
+    lower = torch.tensor([-1.0, 0.25, -0.3, -2e38, 0.7], device=device)
+    upper = torch.tensor([1.0, 1.0, 0.05, 2e38, 0.7], device=device)
+    for grid in PINNED:
+        scale, zp = grid_params(lower, upper, 4, grid)
+        assert torch.isfinite(scale).all() and (zp == torch.round(zp)).all()
+        ks = torch.arange(-20, 20, dtype=torch.float32, device=device) + 0.3
+        x = ks * scale[:, None]
+        y = uniform_quantize(x, lower, upper, 4, grid=grid)
+        ok = scale > 0
+        want = onnx_qdq(x[ok].cpu(), scale[ok].cpu(), zp[ok].cpu(), 4, grid)
+        assert torch.equal(y[ok].cpu(), want)
+        assert (y[~ok] == lower[~ok, None]).all()  # degenerate: y = lower on every grid
+
+
+def test_grid_params_opcheck(device):
+    lower = torch.tensor([-1.0, 0.5, -0.2], device=device)
+    upper = torch.tensor([1.0, 0.1, 3.0], device=device)
+    for grid in GRIDS:
+        torch.library.opcheck(ops.grid_params.default, (lower, upper, 4, grid))
+        torch.library.opcheck(ops.grid_params.default, (lower, upper[0], 3, grid, True))
+        torch.library.opcheck(ops.grid_params.default, (lower.double(), upper, 2, grid))
+
+
+# ---------------------------------------------------------------------------
+# Every grid: options, degenerate and NaN bounds, overflow, dtypes, opcheck
+
+
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["per_tensor", "per_channel", "mixed"])
+def test_grid_sort_bounds_and_grad_scale(device, mode, grid, layout):
+    x, lower, upper, a = make_grid_case((5, 3, 40), 3, layout != "per_tensor", torch.float32, device, grid)
+    if layout == "per_tensor":
+        lower, upper = upper, lower
+    else:
+        crossed = torch.tensor([False, True, False, True, False], device=device)
+        lower, upper = torch.where(crossed, upper, lower), torch.where(crossed, lower, upper)
+        if layout == "mixed":
+            lower = torch.tensor(-0.1, device=device)
+    g = torch.randn_like(x)
+    got = options_grads(mode, x, lower, upper, a, 3, g, sort_bounds=True, grid=grid, grad_scale=0.5)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper, a)]
+    lo, hi = torch.minimum(leaves[1], leaves[2]), torch.maximum(leaves[1], leaves[2])
+    y = quantize(mode, leaves[0], lo, hi, leaves[3], 3, grid=grid)
+    want = (y.detach(), *torch.autograd.grad(y, leaves if mode == "dsq" else leaves[:3], g))
+    for i, (name, w, t) in enumerate(zip(("y", "x", "lower", "upper", "alpha"), want, got)):
+        w = w * 0.5 if i >= 2 else w
+        tol = 2e-6 if layout == "mixed" and w.numel() == 1 and i >= 2 else 0
+        torch.testing.assert_close(t, w, atol=0, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("upper_value", [0.3, -1.0, 0.3 + 1e-40])
+def test_degenerate_bounds_on_every_grid(device, mode, grid, upper_value):
+    # u <= l (or a Delta that underflows): y = l, dy/dx = 0, x <= l feeds lower, x > l upper.
+    x = torch.linspace(-1, 1, 41, device=device)
+    lower, upper = torch.tensor(0.3, device=device), torch.tensor(upper_value, device=device)
+    a = torch.tensor(0.2, device=device)
+    y, gx, gl, gu, ga = kernel_grads(mode, x, lower, upper, a, 4, torch.ones_like(x), grid=grid)
+    assert (y == 0.3).all() and (gx == 0).all() and (ga == 0).all()
+    assert gl.item() == (x <= 0.3).sum().item() and gu.item() == (x > 0.3).sum().item()
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("which", ["lower", "upper"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_bound_propagates(device, mode, grid, which, per_channel, value):
+    # A NaN (or infinite) bound makes y and every gradient NaN (in its channel), so
+    # GradScaler and anomaly detection see it.
+    x, lower, upper, a = make_case((3, 20), 4, per_channel, torch.float32, device)
+    target = lower if which == "lower" else upper
+    target.view(-1)[-1] = float(value) * (-1 if which == "lower" else 1)
+    g = torch.randn_like(x)
+    y, gx, gl, gu, ga = kernel_grads(mode, x, lower, upper, a, 4, g, grid=grid)
+    rows = slice(2, 3) if per_channel else slice(None)
+    assert torch.isnan(y[rows]).all() and torch.isnan(gx[rows]).all()
+    assert torch.isnan(gl.view(-1)[-1]) and torch.isnan(gu.view(-1)[-1])
+    if mode == "dsq":
+        assert torch.isnan(ga.view(-1)[-1])
+    if per_channel:  # the other channels are untouched
+        clean = kernel_grads(mode, x[:2], lower[:2], upper[:2], a[:2], 4, g[:2], grid=grid)
+        for t, c in zip((y, gx), clean[:2]):
+            assert torch.equal(t[:2], c)
+        assert torch.equal(gl[:2], clean[2]) and torch.equal(gu[:2], clean[3])
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 2e38), (torch.float64, 1e308)])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_overflowing_range(device, mode, grid, dtype, big, bits):
+    # u - l overflows the compute type: the op is computed on x, l and u halved (exact)
+    # and y doubled, i.e. exactly what it gives on the halved inputs, times 2.
+    if grid == "symmetric" and bits == 1:
+        pytest.skip("the symmetric grid needs bits >= 2")
+    x = torch.cat([torch.linspace(-1.2, 1.2, 201, dtype=torch.float64), torch.tensor([0.0, 1e-3])])
+    x = (x * big).to(dtype=dtype, device=device)
+    lower, upper = (
+        torch.tensor(-big, dtype=dtype, device=device),
+        torch.tensor(big, dtype=dtype, device=device),
+    )
+    a = torch.tensor(0.3, dtype=dtype, device=device)
+    g = torch.randn_like(x)
+    got = kernel_grads(mode, x, lower, upper, a, bits, g, grid=grid)
+    half = kernel_grads(mode, x / 2, lower / 2, upper / 2, a, bits, g, grid=grid)
+    assert torch.equal(got[0], half[0] * 2)
+    # dy/dx, dy/dl, dy/du do not depend on the scale (dy/dalpha is proportional to Delta,
+    # ~1e37 per element here: its sum may overflow). The halved path is a plain loop: its
+    # sums may be added in another order than the vectorised one's.
+    rtol = 1e-6 if dtype == torch.float32 else 1e-13
+    for t, h in zip(got[1:4], half[1:4]):
+        assert torch.isfinite(t).all()
+        torch.testing.assert_close(t, h, rtol=rtol, atol=rtol * g.abs().sum().item())
+    # Finite, except on the 1-bit affine grid: z = 0, and its other level, Delta = u - l,
+    # is beyond the float range (y = inf there, as the exact value rounds).
+    assert torch.isfinite(got[0]).all() or (bits == 1 and grid == "affine")
+    scale, _ = grid_params(lower, upper, bits, grid)
+    assert torch.equal(scale, grid_params(lower / 2, upper / 2, bits, grid)[0] * 2)
+
+
+@pytest.mark.parametrize("grid", PINNED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_reduced_precision_is_float32_rounded(device, dtype, mode, grid):
+    x, lower, upper, a = make_grid_case((8, 3, 33), 4, True, torch.float32, device, grid)
+    x = x.to(dtype)
+    g = torch.randn_like(x)
+    got = kernel_grads(mode, x, lower, upper, a, 4, g, grid=grid)
+    ref = kernel_grads(mode, x.float(), lower, upper, a, 4, g.float(), grid=grid)
+    assert got[0].dtype == dtype and torch.equal(got[0], ref[0].to(dtype))
+    assert torch.equal(got[1], ref[1].to(dtype))
+    for t, r in zip(got[2:], ref[2:]):
+        torch.testing.assert_close(t, r, atol=1e-4 * g.abs().sum().item(), rtol=0)
+
+
+@pytest.mark.parametrize("grid", PINNED)
+def test_grid_opcheck(device, grid):
+    for x, lower, upper, a in opcheck_cases(device):
+        torch.library.opcheck(ops.dsq_quantize.default, (x, lower, upper, a, 4, 1.0, False, grid))
+        torch.library.opcheck(ops.uniform_quantize.default, (x, upper, lower, 3, 0.5, True, grid))
+        g = torch.randn_like(x)
+        d = [t.detach() for t in (x, lower, upper, a)]
+        torch.library.opcheck(ops.dsq_quantize_backward.default, (g, *d, 2, 0.5, True, grid))
+        torch.library.opcheck(ops.uniform_quantize_backward.default, (g, *d[:3], 4, 1.0, False, grid))
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_grid_under_torch_compile(mode, grid):
+    x, lower, upper, a = make_grid_case((4, 50), 4, True, torch.float32, "cpu", "affine")
+
+    def f(x, lower, upper, a):
+        return quantize(mode, x, lower, upper, a, 4, grid=grid, sort_bounds=True).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (x, lower, upper, a)]
+    eager = [t.clone().requires_grad_() for t in (x, lower, upper, a)]
+    compiled(*leaves).backward()
+    f(*eager).backward()
+    for t, e in zip(leaves, eager):
+        if e.grad is not None:
+            assert torch.equal(t.grad, e.grad)
+
+
+# ---------------------------------------------------------------------------
+# Double backward, plain-number bounds, bad grid input
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_double_backward_raises_clearly(mode):
+    x, lower, upper, a = (t.requires_grad_() for t in make_case((3, 10), 4, False, torch.float64, "cpu"))
+    y = quantize(mode, x, lower, upper, a, 4)
+    # create_graph=True and first-order gradients: fine, the same values as without it
+    first = torch.autograd.grad(y.sum(), (x, lower), create_graph=True)
+    plain = torch.autograd.grad(quantize(mode, x, lower, upper, a, 4).sum(), (x, lower))
+    for f, p in zip(first, plain):
+        assert torch.equal(f.detach(), p)
+    with pytest.raises(RuntimeError, match="double backward of dsq_ext ops is not supported"):
+        first[0].sum().backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plain_number_bounds_take_x_compute_type(mode):
+    # float64 x: float64 bounds (a float32 -1.1 would move the grid by ~2e-8)
+    x = torch.linspace(-1.3, 1.3, 4001, dtype=torch.float64)
+    y = quantize(mode, x, -1.1, 1.3, 0.2, 8)
+    as64 = quantize(mode, x, *(torch.tensor(v, dtype=torch.float64) for v in (-1.1, 1.3, 0.2)), 8)
+    as32 = quantize(mode, x, *(torch.tensor(v) for v in (-1.1, 1.3, 0.2)), 8)
+    assert torch.equal(y, as64) and not torch.equal(y, as32)
+    # float32, float16, bfloat16 x: float32, their kernels' compute type
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xs = x.to(dtype)
+        assert torch.equal(
+            quantize(mode, xs, -1.1, 1.3, 0.2, 8),
+            quantize(mode, xs, *(torch.tensor(v) for v in (-1.1, 1.3, 0.2)), 8),
+        )
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(grid="integer"), ValueError, r"grid must be 'free', 'affine' or 'symmetric', got 'integer'"),
+        (dict(grid="Affine"), ValueError, r"grid must be .* got 'Affine'"),
+        (dict(grid=None), ValueError, r"grid must be .* got None"),
+        (dict(grid="symmetric", bits=1), ValueError, r"grid 'symmetric' needs bits >= 2 .*got bits=1"),
+    ],
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_grid(mode, options, error, match):
+    x, lower, upper, a = good_args()
+    options = dict(options)
+    bits = options.pop("bits", 4)
+    with pytest.raises(error, match=match):
+        quantize(mode, x, lower, upper, a, bits, **options)
+
+
+def test_bad_grid_raw_ops_and_fake_kernels():
+    # The C++ checks and the fake kernels give the same messages.
+    x, lower, upper, a = good_args()
+    for dev in ("cpu", "meta"):
+        args = [t.to(dev) for t in (x, lower, upper, a)]
+        with pytest.raises(
+            RuntimeError, match=r"^dsq_quantize: grid must be 'free', 'affine' or 'symmetric', got 'foo'"
+        ):
+            ops.dsq_quantize(*args, 4, 1.0, False, "foo")
+        with pytest.raises(
+            RuntimeError, match=r"^uniform_quantize: grid 'symmetric' needs bits >= 2 .* got bits=1"
+        ):
+            ops.uniform_quantize(*args[:3], 1, 1.0, False, "symmetric")
+        g = torch.ones(4, 3, device=dev)
+        with pytest.raises(RuntimeError, match=r"^dsq_quantize_backward: grid 'symmetric' needs bits >= 2"):
+            ops.dsq_quantize_backward(g, *args, 1, 1.0, False, "symmetric")
+        with pytest.raises(RuntimeError, match=r"^uniform_quantize_backward: grid must be .* got ''"):
+            ops.uniform_quantize_backward(g, *args[:3], 4, 1.0, False, "")
+        lo, up = args[1], args[2]
+        for gp_args, match in (
+            ((lo, up, 4, "nope"), r"grid must be .* got 'nope'"),
+            ((lo, up, 1, "symmetric"), r"grid 'symmetric' needs bits >= 2"),
+            ((lo, up, 0, "free"), r"bits must be in 1..8, got 0"),
+            ((lo.long(), up, 4, "free"), r"lower must be a float32.* got Long"),
+            (
+                (lo, torch.ones(2, 2, device=dev), 4, "free"),
+                r"upper must have one element \(per tensor\) or be 1-D \(per channel\); got shape \[2, 2\]",
+            ),
+            (
+                (torch.zeros(3, device=dev), torch.ones(2, device=dev), 4, "free"),
+                r"lower and upper must have the same number of channels; got shapes \[3\] and \[2\]",
+            ),
+        ):
+            with pytest.raises(RuntimeError, match="^grid_params: " + match):
+                ops.grid_params(*gp_args)
+    with pytest.raises(RuntimeError, match=r"grid_params: upper is on meta but lower is on cpu"):
+        ops.grid_params(lower, upper.to("meta"), 4, "free")
+
+
+def test_grid_params_wrapper_checks():
+    with pytest.raises(ValueError, match=r"grid must be 'free', 'affine' or 'symmetric', got 'x'"):
+        grid_params(torch.tensor(-1.0), torch.tensor(1.0), 4, "x")
+    with pytest.raises(ValueError, match=r"bits must be in 1..8, got 9"):
+        grid_params(torch.tensor(-1.0), torch.tensor(1.0), 9, "affine")
+    with pytest.raises(TypeError, match=r"sort_bounds must be a bool, got 1"):
+        grid_params(torch.tensor(-1.0), torch.tensor(1.0), 4, "affine", sort_bounds=1)

@@ -69,6 +69,11 @@ struct Storage<__nv_bfloat16> {
     }
 };
 
+// Which element functions of dsq_math.h a chunk runs: the free grid, the affine and
+// symmetric grids (k.pinned), or either with halved bounds (an overflowing u - l;
+// k.xscale != 1; rare, not tuned). Chosen per channel, outside the element loops.
+enum Run { kFree = 0, kPinned = 1, kAny = 2 };
+
 // dsq_math.h's functions for the compute type T.
 template <typename T>
 struct Math;
@@ -76,28 +81,48 @@ template <>
 struct Math<float> {
     typedef dsq_coef_f32 Coef;
     typedef dsq_grad_f32 Grad;
-    static __device__ __forceinline__ Coef make(float l, float u, float a, int bits) {
-        return dsq_coef_make_f32(l, u, a, bits);
+    static __device__ __forceinline__ Coef make(float l, float u, float a, int bits, int grid) {
+        return dsq_coef_make_f32(l, u, a, bits, grid);
     }
+    template <int R>
     static __device__ __forceinline__ float forward(const Coef& k, float x) {
-        return dsq_elem_forward_f32(k, x);
+        if (R == kFree) return dsq_elem_forward_f32(k, x);
+        if (R == kPinned) return dsq_elem_forward_pinned_f32(k, x);
+        return dsq_elem_forward_any_f32(k, x);
     }
+    template <int R>
     static __device__ __forceinline__ Grad backward(const Coef& k, int mode, float x, float g) {
-        return dsq_elem_backward_f32(k, mode, x, g);
+        if (R == kFree) return dsq_elem_backward_f32(k, mode, x, g);
+        if (R == kPinned) return dsq_elem_backward_pinned_f32(k, mode, x, g);
+        return dsq_elem_backward_any_f32(k, mode, x, g);
+    }
+    static __device__ __forceinline__ void grid_export(const Coef& k, float* scale, float* zp) {
+        dsq_grid_export_f32(k, scale, zp);
     }
 };
 template <>
 struct Math<double> {
     typedef dsq_coef_f64 Coef;
     typedef dsq_grad_f64 Grad;
-    static __device__ __forceinline__ Coef make(double l, double u, double a, int bits) {
-        return dsq_coef_make_f64(l, u, a, bits);
+    static __device__ __forceinline__ Coef make(double l, double u, double a, int bits,
+                                                int grid) {
+        return dsq_coef_make_f64(l, u, a, bits, grid);
     }
+    template <int R>
     static __device__ __forceinline__ double forward(const Coef& k, double x) {
-        return dsq_elem_forward_f64(k, x);
+        if (R == kFree) return dsq_elem_forward_f64(k, x);
+        if (R == kPinned) return dsq_elem_forward_pinned_f64(k, x);
+        return dsq_elem_forward_any_f64(k, x);
     }
-    static __device__ __forceinline__ Grad backward(const Coef& k, int mode, double x, double g) {
-        return dsq_elem_backward_f64(k, mode, x, g);
+    template <int R>
+    static __device__ __forceinline__ Grad backward(const Coef& k, int mode, double x,
+                                                    double g) {
+        if (R == kFree) return dsq_elem_backward_f64(k, mode, x, g);
+        if (R == kPinned) return dsq_elem_backward_pinned_f64(k, mode, x, g);
+        return dsq_elem_backward_any_f64(k, mode, x, g);
+    }
+    static __device__ __forceinline__ void grid_export(const Coef& k, double* scale, double* zp) {
+        dsq_grid_export_f64(k, scale, zp);
     }
 };
 
@@ -113,6 +138,7 @@ struct Params {
     const T* alpha;  // NULL in the uniform mode
     int64_t ls, us, as;
     bool sort;  // sort_bounds
+    int grid;   // a dsq_grid
 };
 
 // Chunk t: its channel and where its elements are.
@@ -142,57 +168,82 @@ __device__ __forceinline__ typename Math<T>::Coef make_coef(const Params<T>& p, 
         l = u;
         u = t;
     }
-    return Math<T>::make(l, u, a, bits);
+    return Math<T>::make(l, u, a, bits, p.grid);
+}
+
+// The run a channel's chunks take in a kernel compiled for grid G (DSQ_GRID_FREE, or
+// not): the free grid's kernels only ever run its own loops and the rare halved path.
+template <int G, typename Coef>
+__device__ __forceinline__ int run_of(const Coef& k) {
+    if (k.xscale != decltype(k.xscale)(1)) return kAny;
+    return G != DSQ_GRID_FREE && k.pinned ? kPinned : kFree;
+}
+
+// One chunk of the forward, with the element functions of run R.
+template <typename S, int R>
+__device__ __forceinline__ void forward_chunk(const typename Math<typename Storage<S>::T>::Coef& k,
+                                              const Chunk& ck, const S* __restrict__ x,
+                                              S* __restrict__ y, bool vec_ok) {
+    typedef typename Storage<S>::T T;
+    typedef Storage<S> St;
+    constexpr int V = Sizes<S>::kVec;
+    const S* xs = x + ck.start;
+    S* ys = y + ck.start;
+    if (vec_ok && ck.len == Sizes<S>::kChunk) {
+        Vec<S> v[Sizes<S>::kUnroll];
+#pragma unroll
+        for (int u = 0; u < Sizes<S>::kUnroll; ++u)
+            v[u] = *reinterpret_cast<const Vec<S>*>(xs + (u * kBlock + threadIdx.x) * V);
+#pragma unroll
+        for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                v[u].v[j] = St::store(Math<T>::template forward<R>(k, St::load(v[u].v[j])));
+            *reinterpret_cast<Vec<S>*>(ys + (u * kBlock + threadIdx.x) * V) = v[u];
+        }
+        return;
+    }
+    for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+        if (vec_ok && e + V <= ck.len) {
+            Vec<S> v = *reinterpret_cast<const Vec<S>*>(xs + e);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                v.v[j] = St::store(Math<T>::template forward<R>(k, St::load(v.v[j])));
+            *reinterpret_cast<Vec<S>*>(ys + e) = v;
+        } else {
+            for (int j = e; j < e + V && j < ck.len; ++j)
+                ys[j] = St::store(Math<T>::template forward<R>(k, St::load(xs[j])));
+        }
+    }
 }
 
 // Both kernels loop over chunks (grid-stride), so the per-channel coefficients
 // (divisions; a log and an exp for the backward) are derived once per block
-// and channel, not once per chunk.
-template <typename S>
+// and channel, not once per chunk. G is DSQ_GRID_FREE or not (affine and
+// symmetric share their element functions).
+template <typename S, int G>
 __global__ void __launch_bounds__(kBlock)
     forward_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t inner,
                    int64_t per_channel, int64_t chunks, Params<typename Storage<S>::T> p,
                    int bits, bool vec_ok) {
     typedef typename Storage<S>::T T;
-    typedef Storage<S> St;
-    constexpr int V = Sizes<S>::kVec;
     typename Math<T>::Coef k;
+    int run = kFree;
     int64_t cur = -1;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
         const Chunk ck = chunk_of<S>(t, inner, per_channel);
         if (ck.channel != cur) {
             bool swapped;
             k = make_coef<T>(p, ck.channel, bits, &swapped);
+            run = run_of<G>(k);
             cur = ck.channel;
         }
-        const S* xs = x + ck.start;
-        S* ys = y + ck.start;
-        if (vec_ok && ck.len == Sizes<S>::kChunk) {
-            Vec<S> v[Sizes<S>::kUnroll];
-#pragma unroll
-            for (int u = 0; u < Sizes<S>::kUnroll; ++u)
-                v[u] = *reinterpret_cast<const Vec<S>*>(xs + (u * kBlock + threadIdx.x) * V);
-#pragma unroll
-            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
-#pragma unroll
-                for (int j = 0; j < V; ++j)
-                    v[u].v[j] = St::store(Math<T>::forward(k, St::load(v[u].v[j])));
-                *reinterpret_cast<Vec<S>*>(ys + (u * kBlock + threadIdx.x) * V) = v[u];
-            }
-            continue;
-        }
-        for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
-            if (vec_ok && e + V <= ck.len) {
-                Vec<S> v = *reinterpret_cast<const Vec<S>*>(xs + e);
-#pragma unroll
-                for (int j = 0; j < V; ++j)
-                    v.v[j] = St::store(Math<T>::forward(k, St::load(v.v[j])));
-                *reinterpret_cast<Vec<S>*>(ys + e) = v;
-            } else {
-                for (int j = e; j < e + V && j < ck.len; ++j)
-                    ys[j] = St::store(Math<T>::forward(k, St::load(xs[j])));
-            }
-        }
+        if (run == kFree)
+            forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
+        else if (G != DSQ_GRID_FREE && run == kPinned)
+            forward_chunk<S, kPinned>(k, ck, x, y, vec_ok);
+        else
+            forward_chunk<S, kAny>(k, ck, x, y, vec_ok);
     }
 }
 
@@ -225,73 +276,89 @@ __device__ __forceinline__ void block_sum3(double s[3]) {
 // The thread's share of one chunk: dx for its elements, and their gradient sums
 // added to sl, su, sa in element order (the same order on the vector and the
 // scalar path, so the alignment of x never changes a sum).
-template <typename S, int MODE>
+template <typename S, int MODE, int R>
 __device__ __forceinline__ void backward_elem(const typename Math<typename Storage<S>::T>::Coef& k,
                                               S xv, S gv, S* dx, typename Storage<S>::T& sl,
                                               typename Storage<S>::T& su,
                                               typename Storage<S>::T& sa) {
     typedef typename Storage<S>::T T;
     const typename Math<T>::Grad d =
-        Math<T>::backward(k, MODE, Storage<S>::load(xv), Storage<S>::load(gv));
+        Math<T>::template backward<R>(k, MODE, Storage<S>::load(xv), Storage<S>::load(gv));
     *dx = Storage<S>::store(d.dx);
     sl += d.dl;
     su += d.du;
     sa += d.da;
 }
 
-template <typename S, int MODE>
+// The thread's share of one chunk of the backward, with the element functions of run R.
+template <typename S, int MODE, int R>
+__device__ __forceinline__ void backward_chunk(
+    const typename Math<typename Storage<S>::T>::Coef& k, const Chunk& ck,
+    const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx, bool vec_ok,
+    typename Storage<S>::T& sl, typename Storage<S>::T& su, typename Storage<S>::T& sa) {
+    constexpr int V = Sizes<S>::kVec;
+    const S* xs = x + ck.start;
+    const S* gs = g + ck.start;
+    S* ds = dx + ck.start;
+    if (vec_ok && ck.len == Sizes<S>::kChunk) {
+        Vec<S> xv[Sizes<S>::kUnroll], gv[Sizes<S>::kUnroll];
+#pragma unroll
+        for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+            const int e = (u * kBlock + threadIdx.x) * V;
+            xv[u] = *reinterpret_cast<const Vec<S>*>(xs + e);
+            gv[u] = *reinterpret_cast<const Vec<S>*>(gs + e);
+        }
+#pragma unroll
+        for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
+            Vec<S> dv;
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                backward_elem<S, MODE, R>(k, xv[u].v[j], gv[u].v[j], &dv.v[j], sl, su, sa);
+            *reinterpret_cast<Vec<S>*>(ds + (u * kBlock + threadIdx.x) * V) = dv;
+        }
+        return;
+    }
+    for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+        if (vec_ok && e + V <= ck.len) {
+            const Vec<S> xv = *reinterpret_cast<const Vec<S>*>(xs + e);
+            const Vec<S> gv = *reinterpret_cast<const Vec<S>*>(gs + e);
+            Vec<S> dv;
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                backward_elem<S, MODE, R>(k, xv.v[j], gv.v[j], &dv.v[j], sl, su, sa);
+            *reinterpret_cast<Vec<S>*>(ds + e) = dv;
+        } else {
+            for (int j = e; j < e + V && j < ck.len; ++j)
+                backward_elem<S, MODE, R>(k, xs[j], gs[j], &ds[j], sl, su, sa);
+        }
+    }
+}
+
+template <typename S, int MODE, int G>
 __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
     backward_kernel(const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx,
                     int64_t inner, int64_t per_channel, int64_t chunks,
                     Params<typename Storage<S>::T> p, int bits, bool vec_ok,
                     double* __restrict__ partials) {
     typedef typename Storage<S>::T T;
-    constexpr int V = Sizes<S>::kVec;
     typename Math<T>::Coef k;
     bool swapped = false;
+    int run = kFree;
     int64_t cur = -1;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
         const Chunk ck = chunk_of<S>(t, inner, per_channel);
         if (ck.channel != cur) {
             k = make_coef<T>(p, ck.channel, bits, &swapped);
+            run = run_of<G>(k);
             cur = ck.channel;
         }
-        const S* xs = x + ck.start;
-        const S* gs = g + ck.start;
-        S* ds = dx + ck.start;
         T sl = 0, su = 0, sa = 0;
-        if (vec_ok && ck.len == Sizes<S>::kChunk) {
-            Vec<S> xv[Sizes<S>::kUnroll], gv[Sizes<S>::kUnroll];
-#pragma unroll
-            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
-                const int e = (u * kBlock + threadIdx.x) * V;
-                xv[u] = *reinterpret_cast<const Vec<S>*>(xs + e);
-                gv[u] = *reinterpret_cast<const Vec<S>*>(gs + e);
-            }
-#pragma unroll
-            for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
-                Vec<S> dv;
-#pragma unroll
-                for (int j = 0; j < V; ++j)
-                    backward_elem<S, MODE>(k, xv[u].v[j], gv[u].v[j], &dv.v[j], sl, su, sa);
-                *reinterpret_cast<Vec<S>*>(ds + (u * kBlock + threadIdx.x) * V) = dv;
-            }
-        } else {
-            for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
-                if (vec_ok && e + V <= ck.len) {
-                    const Vec<S> xv = *reinterpret_cast<const Vec<S>*>(xs + e);
-                    const Vec<S> gv = *reinterpret_cast<const Vec<S>*>(gs + e);
-                    Vec<S> dv;
-#pragma unroll
-                    for (int j = 0; j < V; ++j)
-                        backward_elem<S, MODE>(k, xv.v[j], gv.v[j], &dv.v[j], sl, su, sa);
-                    *reinterpret_cast<Vec<S>*>(ds + e) = dv;
-                } else {
-                    for (int j = e; j < e + V && j < ck.len; ++j)
-                        backward_elem<S, MODE>(k, xs[j], gs[j], &ds[j], sl, su, sa);
-                }
-            }
-        }
+        if (run == kFree)
+            backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+        else if (G != DSQ_GRID_FREE && run == kPinned)
+            backward_chunk<S, MODE, kPinned>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+        else
+            backward_chunk<S, MODE, kAny>(k, ck, g, x, dx, vec_ok, sl, su, sa);
         double s[3] = {double(sl), double(su), double(sa)};
         block_sum3(s);
         if (threadIdx.x == 0) {
@@ -300,6 +367,25 @@ __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
             partials[3 * t + 1] = swapped ? s[0] : s[1];
             partials[3 * t + 2] = s[2];
         }
+    }
+}
+
+// grid_params: one thread per channel, the kernels' own coefficients.
+template <typename T>
+__global__ void grid_params_kernel(const T* __restrict__ lower, int64_t ls,
+                                   const T* __restrict__ upper, int64_t us, int64_t n, int bits,
+                                   int grid, bool sort, T* __restrict__ scale,
+                                   T* __restrict__ zero_point) {
+    for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n;
+         c += int64_t(gridDim.x) * blockDim.x) {
+        T l = lower[c * ls], u = upper[c * us];
+        if (sort && u < l) {
+            const T t = l;
+            l = u;
+            u = t;
+        }
+        const typename Math<T>::Coef k = Math<T>::make(l, u, T(DSQ_ALPHA_MAX), bits, grid);
+        Math<T>::grid_export(k, scale + c, zero_point + c);
     }
 }
 
@@ -378,40 +464,56 @@ bool aligned(int64_t channels, int64_t inner, const void* a, const void* b, cons
 }
 
 template <typename T>
-Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a, int sort) {
+Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a, int sort, int grid) {
     return {static_cast<const T*>(l.p), static_cast<const T*>(u.p), static_cast<const T*>(a.p),
-            l.stride, u.stride, a.stride, sort != 0};
+            l.stride, u.stride, a.stride, sort != 0, grid};
 }
 
-template <typename S>
+// The kernels are compiled twice per dtype (and mode): for the free grid, whose loops
+// are the only ones it runs, and for the affine and symmetric grids, which share theirs.
+constexpr int kPinnedGrids = DSQ_GRID_AFFINE;
+
+template <typename S, int G>
 void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
-             dsq_cuda_param upper, int bits, int sort, cudaStream_t stream) {
+             dsq_cuda_param upper, int bits, int sort, int grid_kind, cudaStream_t stream) {
     typedef typename Storage<S>::T T;
     const int64_t per_channel = chunks_per_channel<S>(inner);
     const int64_t chunks = channels * per_channel;
     if (chunks <= 0) return;
     // Occupancy of the first device used; it only sizes the grid.
-    static const int per_sm = blocks_per_sm(forward_kernel<S>);
+    static const int per_sm = blocks_per_sm(forward_kernel<S, G>);
     const int grid = grid_size(per_sm, chunks);
-    forward_kernel<S><<<grid, kBlock, 0, stream>>>(
+    forward_kernel<S, G><<<grid, kBlock, 0, stream>>>(
         static_cast<const S*>(x), static_cast<S*>(y), inner, per_channel, chunks,
-        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort), bits,
+        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort, grid_kind), bits,
         aligned<S>(channels, inner, x, y, y));
 }
 
-template <typename S, int MODE>
+template <typename S>
+void forward_grid(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
+                  dsq_cuda_param upper, int bits, int sort, int grid_kind, cudaStream_t stream) {
+    if (grid_kind == DSQ_GRID_FREE)
+        forward<S, DSQ_GRID_FREE>(x, y, channels, inner, lower, upper, bits, sort, grid_kind,
+                                  stream);
+    else
+        forward<S, kPinnedGrids>(x, y, channels, inner, lower, upper, bits, sort, grid_kind,
+                                 stream);
+}
+
+template <typename S, int MODE, int G>
 void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
               dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
-              int sort, double scale, double* partials, const Grads& grads, cudaStream_t stream) {
+              int sort, int grid_kind, double scale, double* partials, const Grads& grads,
+              cudaStream_t stream) {
     typedef typename Storage<S>::T T;
     const int64_t per_channel = chunks_per_channel<S>(inner);
     const int64_t chunks = channels * per_channel;
     if (chunks <= 0) return;
-    static const int per_sm = blocks_per_sm(backward_kernel<S, MODE>);
+    static const int per_sm = blocks_per_sm(backward_kernel<S, MODE, G>);
     const int grid = grid_size(per_sm, chunks);
-    backward_kernel<S, MODE><<<grid, kBlock, 0, stream>>>(
+    backward_kernel<S, MODE, G><<<grid, kBlock, 0, stream>>>(
         static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(dx), inner,
-        per_channel, chunks, params<T>(lower, upper, alpha, sort), bits,
+        per_channel, chunks, params<T>(lower, upper, alpha, sort, grid_kind), bits,
         aligned<S>(channels, inner, g, x, dx), partials);
 
     bool any_pc = false, any_pt = false;
@@ -429,29 +531,54 @@ void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t 
                                                       pc_blocks, out_blocks, scale, grads);
 }
 
+template <typename S, int MODE>
+void backward_grid(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
+                   dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
+                   int sort, int grid_kind, double scale, double* partials, const Grads& grads,
+                   cudaStream_t stream) {
+    if (grid_kind == DSQ_GRID_FREE)
+        backward<S, MODE, DSQ_GRID_FREE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                         sort, grid_kind, scale, partials, grads, stream);
+    else
+        backward<S, MODE, kPinnedGrids>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                        sort, grid_kind, scale, partials, grads, stream);
+}
+
 template <int MODE>
 void backward_mode(int dtype, const void* g, const void* x, void* dx, int64_t channels,
                    int64_t inner, dsq_cuda_param lower, dsq_cuda_param upper,
-                   dsq_cuda_param alpha, int bits, int sort, double scale, double* partials,
-                   const Grads& grads, cudaStream_t stream) {
+                   dsq_cuda_param alpha, int bits, int sort, int grid_kind, double scale,
+                   double* partials, const Grads& grads, cudaStream_t stream) {
     switch (dtype) {
         case DSQ_CUDA_F32:
-            backward<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits, sort,
-                                  scale, partials, grads, stream);
+            backward_grid<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                       sort, grid_kind, scale, partials, grads, stream);
             break;
         case DSQ_CUDA_F64:
-            backward<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                   sort, scale, partials, grads, stream);
+            backward_grid<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                        sort, grid_kind, scale, partials, grads, stream);
             break;
         case DSQ_CUDA_F16:
-            backward<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                   sort, scale, partials, grads, stream);
+            backward_grid<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
+                                        sort, grid_kind, scale, partials, grads, stream);
             break;
         case DSQ_CUDA_BF16:
-            backward<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                          sort, scale, partials, grads, stream);
+            backward_grid<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha,
+                                               bits, sort, grid_kind, scale, partials, grads,
+                                               stream);
             break;
     }
+}
+
+template <typename T>
+void grid_params(const void* lower, int64_t ls, const void* upper, int64_t us, int64_t n,
+                 int bits, int grid_kind, int sort, void* scale, void* zero_point,
+                 cudaStream_t stream) {
+    if (n <= 0) return;
+    const int blocks = int(n / kBlock + 1 < 1024 ? n / kBlock + 1 : 1024);
+    grid_params_kernel<T><<<blocks, kBlock, 0, stream>>>(
+        static_cast<const T*>(lower), ls, static_cast<const T*>(upper), us, n, bits, grid_kind,
+        sort != 0, static_cast<T*>(scale), static_cast<T*>(zero_point));
 }
 
 }  // namespace
@@ -470,19 +597,23 @@ int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner) {
 
 void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64_t inner,
                       dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
-                      cudaStream_t stream) {
+                      int grid, cudaStream_t stream) {
     switch (dtype) {
         case DSQ_CUDA_F32:
-            forward<float>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
+            forward_grid<float>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
+                                stream);
             break;
         case DSQ_CUDA_F64:
-            forward<double>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
+            forward_grid<double>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
+                                 stream);
             break;
         case DSQ_CUDA_F16:
-            forward<__half>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
+            forward_grid<__half>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
+                                 stream);
             break;
         case DSQ_CUDA_BF16:
-            forward<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, sort_bounds, stream);
+            forward_grid<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, sort_bounds,
+                                        grid, stream);
             break;
     }
 }
@@ -490,15 +621,27 @@ void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64
 void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* dx,
                        int64_t channels, int64_t inner, dsq_cuda_param lower,
                        dsq_cuda_param upper, dsq_cuda_param alpha, int bits, int sort_bounds,
-                       double grad_scale, double* partials, dsq_cuda_grad grad_lower,
+                       int grid, double grad_scale, double* partials, dsq_cuda_grad grad_lower,
                        dsq_cuda_grad grad_upper, dsq_cuda_grad grad_alpha, cudaStream_t stream) {
     const Grads grads = {{grad_lower, grad_upper, grad_alpha}};
     if (mode == DSQ_MODE_DSQ)
         backward_mode<DSQ_MODE_DSQ>(dtype, g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                    sort_bounds, grad_scale, partials, grads, stream);
+                                    sort_bounds, grid, grad_scale, partials, grads, stream);
     else
         backward_mode<DSQ_MODE_UNIFORM>(dtype, g, x, dx, channels, inner, lower, upper, alpha,
-                                        bits, sort_bounds, grad_scale, partials, grads, stream);
+                                        bits, sort_bounds, grid, grad_scale, partials, grads,
+                                        stream);
+}
+
+void dsq_cuda_grid_params(int dtype, const void* lower, int64_t ls, const void* upper,
+                          int64_t us, int64_t n, int bits, int grid, int sort_bounds, void* scale,
+                          void* zero_point, cudaStream_t stream) {
+    if (dtype == DSQ_CUDA_F64)
+        grid_params<double>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
+                            stream);
+    else
+        grid_params<float>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
+                           stream);
 }
 
 }  // extern "C"

@@ -41,11 +41,12 @@ typedef struct {
 /* Number of chunks the backward splits x into; its partials buffer holds 3 doubles per chunk. */
 int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner);
 
-/* y = l + Delta * round_half_up((clip(x, l, u) - l) / Delta); the same for DSQ and uniform.
- * sort_bounds: a channel whose upper is below its lower uses them swapped (checks.h, Options). */
+/* The hard quantized value on the grid (a dsq_grid, dsq_math.h); the same for DSQ and
+ * uniform. sort_bounds: a channel whose upper is below its lower uses them swapped
+ * (checks.h, Options). */
 void dsq_cuda_forward(int dtype, const void *x, void *y, int64_t channels, int64_t inner,
                       dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
-                      cudaStream_t stream);
+                      int grid, cudaStream_t stream);
 
 /*
  * One fused pass over (x, g): writes dx = g * dy/dx and the per-chunk sums of
@@ -58,9 +59,16 @@ void dsq_cuda_forward(int dtype, const void *x, void *y, int64_t channels, int64
 void dsq_cuda_backward(int dtype, int mode, const void *g, const void *x, void *dx,
                        int64_t channels, int64_t inner, dsq_cuda_param lower,
                        dsq_cuda_param upper, dsq_cuda_param alpha, int bits, int sort_bounds,
-                       double grad_scale, double *partials,
+                       int grid, double grad_scale, double *partials,
                        dsq_cuda_grad grad_lower, dsq_cuda_grad grad_upper,
                        dsq_cuda_grad grad_alpha, cudaStream_t stream);
+
+/* The scale and zero point of the grid the kernels use, for n channels (dsq_kernels.h's
+ * dsq_grid_params_*): dtype DSQ_CUDA_F64 computes in double, any other in float; the
+ * bounds and both outputs are device arrays of that type. */
+void dsq_cuda_grid_params(int dtype, const void *lower, int64_t ls, const void *upper,
+                          int64_t us, int64_t n, int bits, int grid, int sort_bounds, void *scale,
+                          void *zero_point, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

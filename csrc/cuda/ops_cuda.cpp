@@ -83,7 +83,7 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& l
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
     dsq_cuda_forward(cuda_dtype(x.scalar_type()), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                     s.channels, s.inner, lo.arg, up.arg, int(bits), opt.sort_bounds,
+                     s.channels, s.inner, lo.arg, up.arg, int(bits), opt.sort_bounds, opt.grid,
                      c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return lay.out;
@@ -120,7 +120,7 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
     dsq_cuda_backward(dtype, mode, g.const_data_ptr(), lay.x.const_data_ptr(), lay.out.data_ptr(),
                       s.channels, s.inner, lo.arg, up.arg,
                       al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits), opt.sort_bounds,
-                      opt.grad_scale, partials.data_ptr<double>(), gl.arg, gu.arg,
+                      opt.grid, opt.grad_scale, partials.data_ptr<double>(), gl.arg, gu.arg,
                       ga ? ga->arg : dsq_cuda_grad{nullptr, DSQ_CUDA_F32, 0},
                       c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -129,10 +129,22 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
     return r;
 }
 
+// lower and upper: contiguous, in the compute type (scale's dtype), on one device.
+void grid_params_cuda(const at::Tensor& lower, const at::Tensor& upper, int bits, int grid,
+                      bool sort_bounds, at::Tensor& scale, at::Tensor& zero_point) {
+    const c10::cuda::CUDAGuard guard(lower.device());
+    dsq_cuda_grid_params(cuda_dtype(scale.scalar_type()), lower.const_data_ptr(),
+                         lower.numel() == 1 ? 0 : 1, upper.const_data_ptr(),
+                         upper.numel() == 1 ? 0 : 1, scale.numel(), bits, grid, sort_bounds,
+                         scale.data_ptr(), zero_point.data_ptr(),
+                         c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsq_ext, CUDA, m) {
-    Kernels<forward_cuda, backward_cuda>::register_all(m);
+    Kernels<forward_cuda, backward_cuda, grid_params_cuda>::register_all(m);
 }
 
 }  // namespace dsq_ext
