@@ -28,6 +28,7 @@ from .nn import (  # noqa: E402
 from .ops import (  # noqa: E402
     dsq_quantize,
     dsq_quantize_backward,
+    grid_params,
     uniform_quantize,
     uniform_quantize_backward,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "build_info",
     "dsq_quantize",
     "dsq_quantize_backward",
+    "grid_params",
     "param_groups",
     "quantize_model",
     "quantized_modules",

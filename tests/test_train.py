@@ -134,6 +134,7 @@ def test_dsq_w4a4_one_epoch(dsq_run):
         "bounds": "learned",
         "alpha_init": 0.2,
         "act_percentile": None,
+        "grid": "free",
     }
     sd = ckpt["state_dict"]
     assert not any(k.startswith("module.") for k in sd)
