@@ -12,6 +12,10 @@ recording, as in training) and the forward+backward of:
   composite           DSQ written in torch ops, backward by autograd
   composite_compiled  the same under torch.compile
 
+and, when named in --candidates, dsq_affine, uniform_affine, dsq_symmetric and
+uniform_symmetric: the two ops on their integer grids (grid="affine" /
+"symmetric"; dsq and uniform are the default, free grid)
+
 and reports medians, the median of the per-round ratios to the copy floor
 (every round runs all candidates, A B C A B C ..., so slow drifts of a shared
 machine hit them alike), and the bytes each keeps alive for backward.
@@ -44,6 +48,8 @@ QUICK_SIZES = {"act": (2, 8, 14, 14), "weight": (32, 16, 3, 3)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRANULARITIES = ("per_tensor", "per_channel")
 CANDIDATES = ("copy", "dsq", "uniform", "fq", "fq_learnable", "composite", "composite_compiled")
+# Run only when asked for: the ops on the integer grids.
+GRID_CANDIDATES = ("dsq_affine", "uniform_affine", "dsq_symmetric", "uniform_symmetric")
 
 
 def parse_sizes(spec: str, quick: bool) -> list[tuple[str, tuple[int, ...]]]:
@@ -126,6 +132,11 @@ def build_case(name, x0, g, lo, hi, per_channel: bool) -> Case:
         return Case(name, lambda: dsq_ext.dsq_quantize(x, l, u, a, BITS), [x, l, u, a], g)
     if name == "uniform":
         return Case(name, lambda: dsq_ext.uniform_quantize(x, l, u, BITS), [x, l, u], g)
+    if name in GRID_CANDIDATES:
+        method, grid = name.split("_")
+        if method == "dsq":
+            return Case(name, lambda: dsq_ext.dsq_quantize(x, l, u, a, BITS, grid=grid), [x, l, u, a], g)
+        return Case(name, lambda: dsq_ext.uniform_quantize(x, l, u, BITS, grid=grid), [x, l, u], g)
     if name == "composite":
         return Case(name, lambda: common.dsq_composite(x, l, u, a, BITS), [x, l, u, a], g)
     if name == "composite_compiled":
@@ -409,7 +420,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list of {','.join(DTYPES)}")
     p.add_argument("--granularity", default=",".join(GRANULARITIES), help="per_tensor,per_channel")
-    p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma list of " + ",".join(CANDIDATES))
+    p.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help="comma list of " + ",".join(CANDIDATES + GRID_CANDIDATES),
+    )
     p.add_argument("--reps", type=int, default=None, help="timed rounds (default 15; --quick 3)")
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed calls per candidate (default 3; --quick 1)"
@@ -471,7 +486,7 @@ def main(argv=None) -> int:
             p.error(f"unknown granularity {g_!r}")
     candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
     for c in candidates:
-        if c not in CANDIDATES:
+        if c not in CANDIDATES + GRID_CANDIDATES:
             p.error(f"unknown candidate {c!r}")
     if not do_compile and "composite_compiled" in candidates:
         candidates.remove("composite_compiled")

@@ -40,14 +40,25 @@ def _per_channel_view(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def dsq_composite(
-    x: torch.Tensor, lower, upper, alpha, bits: int, *, grad_scale: float = 1.0, sort_bounds: bool = False
+    x: torch.Tensor,
+    lower,
+    upper,
+    alpha,
+    bits: int,
+    *,
+    grad_scale: float = 1.0,
+    sort_bounds: bool = False,
+    grid: str = "free",
 ) -> torch.Tensor:
     """DSQ forward in torch ops; sign() passes its gradient straight through.
 
     Same values and (up to the alpha clamp, which here ignores the k <= 1000
     bound) the same gradients as dsq_ext.dsq_quantize, but every intermediate
     that autograd needs is kept for backward. The options are torch ops too.
+    The free grid only (the layers' default).
     """
+    if grid != "free":
+        raise ValueError(f"dsq_composite computes the free grid only, got grid={grid!r}")
     if sort_bounds:
         lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
     if grad_scale != 1.0:

@@ -49,30 +49,8 @@ static inline uint16_t bf16_store(float f) {
 enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
 
 #define DSQ_DEFINE_KERNELS(T, SFX)                                                                  \
-    /* One run that shares k. Each loop is specialised for its grid, so the free grid               \
-       runs the loop it always had. */                                                              \
-    DSQ_INLINE void forward_run_##SFX(const dsq_coef_##SFX k, const T *restrict x,               \
-                                         T *restrict y, int64_t n) {                                \
-        if (k.xscale != (T)1) {                                                                     \
-            for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_any_##SFX(k, x[j]);             \
-        } else if (k.pinned) {                                                                      \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                     \
-                y[j] = dsq_elem_forward_pinned_##SFX(k, x[j]);                                      \
-        } else {                                                                                    \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                     \
-                y[j] = dsq_elem_forward_##SFX(k, x[j]);                                             \
-        }                                                                                           \
-    }                                                                                               \
-                                                                                                    \
-    DSQ_HOT void dsq_forward_##SFX(const T *restrict x, T *restrict y, int64_t n, T lower,          \
-                                   T upper, int bits, int grid) {                                   \
-        const dsq_coef_##SFX k =                                                                    \
-            dsq_coef_make_##SFX(lower, upper, (T)DSQ_ALPHA_MAX, bits, grid);                        \
-        forward_run_##SFX(k, x, y, n);                                                              \
-    }                                                                                               \
-                                                                                                    \
-    DSQ_INLINE dsq_grad_##SFX backward_elem_##SFX(const dsq_coef_##SFX k, const int mode,        \
-                                                     const int run, T x, T g) {                     \
+    DSQ_INLINE dsq_grad_##SFX backward_elem_##SFX(const dsq_coef_##SFX k, const int mode,           \
+                                                  const int run, T x, T g) {                        \
         if (run == RUN_FREE) return dsq_elem_backward_##SFX(k, mode, x, g);                         \
         if (run == RUN_PINNED) return dsq_elem_backward_pinned_##SFX(k, mode, x, g);                \
         return dsq_elem_backward_any_##SFX(k, mode, x, g);                                          \
@@ -80,10 +58,9 @@ enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
                                                                                                     \
     /* mode and run are compile-time constants at each call site below, so the branches             \
        on them fold */                                                                              \
-    DSQ_INLINE void backward_run_##SFX(const dsq_coef_##SFX k, const int mode,                   \
-                                          const int run, const T *restrict g,                       \
-                                          const T *restrict x, T *restrict dx, int64_t n,           \
-                                          double sums[3]) {                                         \
+    DSQ_INLINE void backward_run_##SFX(const dsq_coef_##SFX k, const int mode, const int run,       \
+                                       const T *restrict g, const T *restrict x,                    \
+                                       T *restrict dx, int64_t n, double sums[3]) {                 \
         for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {                                            \
             const int64_t e = n - b < DSQ_SUB_BLOCK ? n : b + DSQ_SUB_BLOCK;                        \
             T sl = 0, su = 0, sa = 0;                                                               \
@@ -100,26 +77,67 @@ enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
         }                                                                                           \
     }                                                                                               \
                                                                                                     \
-    DSQ_INLINE void backward_dispatch_##SFX(const dsq_coef_##SFX k, const int mode,              \
-                                               const T *restrict g, const T *restrict x,            \
-                                               T *restrict dx, int64_t n, double sums[3]) {         \
-        if (k.xscale != (T)1)                                                                       \
-            backward_run_##SFX(k, mode, RUN_ANY, g, x, dx, n, sums);                                \
-        else if (k.pinned && mode == DSQ_MODE_DSQ)                                                  \
-            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_PINNED, g, x, dx, n, sums);                     \
-        else if (k.pinned)                                                                          \
-            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_PINNED, g, x, dx, n, sums);                 \
-        else if (mode == DSQ_MODE_DSQ)                                                              \
+    /* The free grid: the loops these kernels had before the other grids existed. */                \
+    DSQ_INLINE void forward_free_##SFX(const dsq_coef_##SFX k, const T *restrict x,                 \
+                                       T *restrict y, int64_t n) {                                  \
+        _Pragma("omp simd") for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_##SFX(k, x[j]); \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_INLINE void backward_free_##SFX(const dsq_coef_##SFX k, const int mode,                     \
+                                        const T *restrict g, const T *restrict x,                   \
+                                        T *restrict dx, int64_t n, double sums[3]) {                \
+        if (mode == DSQ_MODE_DSQ)                                                                   \
             backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_FREE, g, x, dx, n, sums);                       \
         else                                                                                        \
             backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_FREE, g, x, dx, n, sums);                   \
+    }                                                                                               \
+                                                                                                    \
+    /* The affine and symmetric grids (k.pinned), and a u - l that overflows on any grid            \
+       (k.xscale != 1): functions of their own, with their own clones, so that the free             \
+       grid's functions keep their code and their registers. */                                     \
+    static DSQ_HOT void forward_other_##SFX(const dsq_coef_##SFX *kp, const T *restrict x,          \
+                                            T *restrict y, int64_t n) {                             \
+        const dsq_coef_##SFX k = *kp;                                                               \
+        if (k.xscale != (T)1) {                                                                     \
+            for (int64_t j = 0; j < n; ++j) y[j] = dsq_elem_forward_any_##SFX(k, x[j]);             \
+        } else {                                                                                    \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; ++j)                                     \
+                y[j] = dsq_elem_forward_pinned_##SFX(k, x[j]);                                      \
+        }                                                                                           \
+    }                                                                                               \
+                                                                                                    \
+    static DSQ_HOT void backward_other_##SFX(const dsq_coef_##SFX *kp, const int mode,              \
+                                             const T *restrict g, const T *restrict x,              \
+                                             T *restrict dx, int64_t n, double sums[3]) {           \
+        const dsq_coef_##SFX k = *kp;                                                               \
+        if (k.xscale != (T)1)                                                                       \
+            backward_run_##SFX(k, mode, RUN_ANY, g, x, dx, n, sums);                                \
+        else if (mode == DSQ_MODE_DSQ)                                                              \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_PINNED, g, x, dx, n, sums);                     \
+        else                                                                                        \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_PINNED, g, x, dx, n, sums);                 \
+    }                                                                                               \
+                                                                                                    \
+    DSQ_INLINE int other_##SFX(const dsq_coef_##SFX k) { return k.pinned || k.xscale != (T)1; }     \
+                                                                                                    \
+    DSQ_HOT void dsq_forward_##SFX(const T *restrict x, T *restrict y, int64_t n, T lower,          \
+                                   T upper, int bits, int grid) {                                   \
+        const dsq_coef_##SFX k =                                                                    \
+            dsq_coef_make_##SFX(lower, upper, (T)DSQ_ALPHA_MAX, bits, grid);                        \
+        if (other_##SFX(k))                                                                         \
+            forward_other_##SFX(&k, x, y, n);                                                       \
+        else                                                                                        \
+            forward_free_##SFX(k, x, y, n);                                                         \
     }                                                                                               \
                                                                                                     \
     DSQ_HOT void dsq_backward_##SFX(const T *g, const T *x, T *dx, int64_t n, T lower,              \
                                     T upper, T alpha, int bits, int mode, int grid,                 \
                                     double sums[3]) {                                               \
         const dsq_coef_##SFX k = dsq_coef_make_##SFX(lower, upper, alpha, bits, grid);              \
-        backward_dispatch_##SFX(k, mode, g, x, dx, n, sums);                                        \
+        if (other_##SFX(k))                                                                         \
+            backward_other_##SFX(&k, mode, g, x, dx, n, sums);                                      \
+        else                                                                                        \
+            backward_free_##SFX(k, mode, g, x, dx, n, sums);                                        \
     }                                                                                               \
                                                                                                     \
     void dsq_grid_params_##SFX(const T *lower, int64_t ls, const T *upper, int64_t us,              \
@@ -147,11 +165,15 @@ DSQ_DEFINE_KERNELS(double, f64)
 DSQ_HOT void dsq_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n,
                               float lower, float upper, int bits, int grid) {
     const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, (float)DSQ_ALPHA_MAX, bits, grid);
+    const int other = other_f32(k);
     float xb[DSQ_SUB_BLOCK], yb[DSQ_SUB_BLOCK];
     for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
         const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
         for (int64_t j = 0; j < m; ++j) xb[j] = bf16_load(x[b + j]);
-        forward_run_f32(k, xb, yb, m);
+        if (other)
+            forward_other_f32(&k, xb, yb, m);
+        else
+            forward_free_f32(k, xb, yb, m);
         for (int64_t j = 0; j < m; ++j) y[b + j] = bf16_store(yb[j]);
     }
 }
@@ -160,6 +182,7 @@ DSQ_HOT void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *d
                                float lower, float upper, float alpha, int bits, int mode,
                                int grid, double sums[3]) {
     const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, alpha, bits, grid);
+    const int other = other_f32(k);
     float xb[DSQ_SUB_BLOCK], gb[DSQ_SUB_BLOCK], db[DSQ_SUB_BLOCK];
     for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
         const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
@@ -168,7 +191,10 @@ DSQ_HOT void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *d
             gb[j] = bf16_load(g[b + j]);
         }
         /* one sub-block per call: the same partial sums as the float32 kernel's */
-        backward_dispatch_f32(k, mode, gb, xb, db, m, sums);
+        if (other)
+            backward_other_f32(&k, mode, gb, xb, db, m, sums);
+        else
+            backward_free_f32(k, mode, gb, xb, db, m, sums);
         for (int64_t j = 0; j < m; ++j) dx[b + j] = bf16_store(db[j]);
     }
 }

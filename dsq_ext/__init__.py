@@ -31,6 +31,7 @@ from .nn import (  # noqa: E402
 from .ops import (  # noqa: E402
     dsq_quantize,
     dsq_quantize_backward,
+    grid_params,
     uniform_quantize,
     uniform_quantize_backward,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "dsq_quantize",
     "dsq_quantize_backward",
     "export_onnx",
+    "grid_params",
     "layer_configs",
     "param_groups",
     "quantizable_layers",

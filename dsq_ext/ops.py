@@ -345,7 +345,9 @@ def _dsq_setup_context(ctx, inputs, output):
 
 def _dsq_backward(ctx, grad):
     x, lower, upper, alpha = ctx.saved_tensors
-    gx, gl, gu, ga = _ops.dsq_quantize_backward(grad, x, lower, upper, alpha, ctx.bits, *ctx.options)
+    gx, gl, gu, ga = _first_order(
+        _ops.dsq_quantize_backward, grad, x, lower, upper, alpha, ctx.bits, *ctx.options
+    )
     need = ctx.needs_input_grad
     return (
         gx if need[0] else None,
@@ -368,23 +370,36 @@ def _uniform_setup_context(ctx, inputs, output):
 
 def _uniform_backward(ctx, grad):
     x, lower, upper = ctx.saved_tensors
-    gx, gl, gu = _ops.uniform_quantize_backward(grad, x, lower, upper, ctx.bits, *ctx.options)
+    gx, gl, gu = _first_order(_ops.uniform_quantize_backward, grad, x, lower, upper, ctx.bits, *ctx.options)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gl if need[1] else None, gu if need[2] else None) + (None,) * 4
 
 
-def _no_double_backward(ctx, *grads):
-    # The backward ops are registered with this autograd formula so that differentiating
-    # a gradient fails clearly instead of returning None with a warning.
-    raise RuntimeError(
-        "double backward of dsq_ext ops is not supported: a gradient computed with "
-        "create_graph=True cannot be differentiated again (first-order gradients work)"
-    )
+class _FirstOrderOnly(torch.autograd.Function):
+    """A backward op run with create_graph=True: its results raise if differentiated again."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        return op(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "double backward of dsq_ext ops is not supported: a gradient computed with "
+            "create_graph=True cannot be differentiated again (first-order gradients work)"
+        )
+
+
+def _first_order(op, *args):
+    # With create_graph=True the backward runs with grad mode on; without this node,
+    # differentiating its results would return None with only a warning. Otherwise
+    # (the training path) the op is called directly, at no extra cost.
+    if torch.is_grad_enabled():
+        return _FirstOrderOnly.apply(op, *args)
+    return op(*args)
 
 
 torch.library.register_autograd("dsq_ext::dsq_quantize", _dsq_backward, setup_context=_dsq_setup_context)
 torch.library.register_autograd(
     "dsq_ext::uniform_quantize", _uniform_backward, setup_context=_uniform_setup_context
 )
-torch.library.register_autograd("dsq_ext::dsq_quantize_backward", _no_double_backward)
-torch.library.register_autograd("dsq_ext::uniform_quantize_backward", _no_double_backward)

@@ -8,6 +8,7 @@ another order); each comparison reports how far from a boundary the worst
 disagreeing value was, and the tests bound it.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -510,7 +511,9 @@ def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     # the same checkpoint as if trained on the free grid: refused, or approximated
     free = tmp_path / "free.pth.tar"
     ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
-    torch.save(dict(ckpt_dict, quant=dict(ckpt_dict["quant"], grid="free")), free)
+    cfg = dsq_ext.ModelQuantConfig.from_dict(ckpt_dict["quant"])
+    cfg = dataclasses.replace(cfg, weight=cfg.weight.replace(grid="free"), act=cfg.act.replace(grid="free"))
+    torch.save(dict(ckpt_dict, quant=cfg.to_dict()), free)
     assert E.main([str(free), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "error: layer1.0.conv1: the weight quantizer uses grid='free'" in err, err

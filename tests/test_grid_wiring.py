@@ -72,7 +72,7 @@ def test_linear_and_quantizer_grid():
     x = torch.randn(100)
     y = q(x)
     assert torch.equal(y, dsq_quantize(x, q.lower, q.upper, q.alpha, 4, grid="symmetric", sort_bounds=True))
-    s, z = grid_params(q.lower.detach(), q.upper.detach(), 4, "symmetric", sort_bounds=True)
+    s, z = dsq_ext.grid_params(q.lower.detach(), q.upper.detach(), 4, "symmetric", sort_bounds=True)
     assert z.item() == 7 and on_grid(y.detach(), s, z, 4, "symmetric")
 
 

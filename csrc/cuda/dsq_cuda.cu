@@ -70,9 +70,11 @@ struct Storage<__nv_bfloat16> {
 };
 
 // Which element functions of dsq_math.h a chunk runs: the free grid, the affine and
-// symmetric grids (k.pinned), or either with halved bounds (an overflowing u - l;
-// k.xscale != 1; rare, not tuned). Chosen per channel, outside the element loops.
-enum Run { kFree = 0, kPinned = 1, kAny = 2 };
+// symmetric grids (k.pinned), or either on x times k.xscale (halved bounds, for a u - l
+// that overflows; rare). Chosen per channel, outside the element loops. A kernel
+// inlines only its grid's two (see run_of), which share their coefficients, so the
+// rare one adds a multiply, not registers.
+enum Run { kFree = 0, kPinned = 1, kFreeScaled = 2, kPinnedScaled = 3 };
 
 // dsq_math.h's functions for the compute type T.
 template <typename T>
@@ -88,13 +90,15 @@ struct Math<float> {
     static __device__ __forceinline__ float forward(const Coef& k, float x) {
         if (R == kFree) return dsq_elem_forward_f32(k, x);
         if (R == kPinned) return dsq_elem_forward_pinned_f32(k, x);
-        return dsq_elem_forward_any_f32(k, x);
+        if (R == kFreeScaled) return dsq_elem_forward_f32(k, x * k.xscale) / k.xscale;
+        return dsq_elem_forward_pinned_f32(k, x * k.xscale) / k.xscale;
     }
     template <int R>
     static __device__ __forceinline__ Grad backward(const Coef& k, int mode, float x, float g) {
         if (R == kFree) return dsq_elem_backward_f32(k, mode, x, g);
         if (R == kPinned) return dsq_elem_backward_pinned_f32(k, mode, x, g);
-        return dsq_elem_backward_any_f32(k, mode, x, g);
+        if (R == kFreeScaled) return dsq_elem_backward_f32(k, mode, x * k.xscale, g);
+        return dsq_elem_backward_pinned_f32(k, mode, x * k.xscale, g);
     }
     static __device__ __forceinline__ void grid_export(const Coef& k, float* scale, float* zp) {
         dsq_grid_export_f32(k, scale, zp);
@@ -112,14 +116,16 @@ struct Math<double> {
     static __device__ __forceinline__ double forward(const Coef& k, double x) {
         if (R == kFree) return dsq_elem_forward_f64(k, x);
         if (R == kPinned) return dsq_elem_forward_pinned_f64(k, x);
-        return dsq_elem_forward_any_f64(k, x);
+        if (R == kFreeScaled) return dsq_elem_forward_f64(k, x * k.xscale) / k.xscale;
+        return dsq_elem_forward_pinned_f64(k, x * k.xscale) / k.xscale;
     }
     template <int R>
     static __device__ __forceinline__ Grad backward(const Coef& k, int mode, double x,
                                                     double g) {
         if (R == kFree) return dsq_elem_backward_f64(k, mode, x, g);
         if (R == kPinned) return dsq_elem_backward_pinned_f64(k, mode, x, g);
-        return dsq_elem_backward_any_f64(k, mode, x, g);
+        if (R == kFreeScaled) return dsq_elem_backward_f64(k, mode, x * k.xscale, g);
+        return dsq_elem_backward_pinned_f64(k, mode, x * k.xscale, g);
     }
     static __device__ __forceinline__ void grid_export(const Coef& k, double* scale, double* zp) {
         dsq_grid_export_f64(k, scale, zp);
@@ -172,11 +178,15 @@ __device__ __forceinline__ typename Math<T>::Coef make_coef(const Params<T>& p, 
 }
 
 // The run a channel's chunks take in a kernel compiled for grid G (DSQ_GRID_FREE, or
-// not): the free grid's kernels only ever run its own loops and the rare halved path.
+// not). The free grid's kernels run kFree or kFreeScaled; the integer grids' run
+// kPinned or kPinnedScaled, and kFree for a degenerate or NaN range (never scaled:
+// an overflowing u - l is neither).
 template <int G, typename Coef>
 __device__ __forceinline__ int run_of(const Coef& k) {
-    if (k.xscale != decltype(k.xscale)(1)) return kAny;
-    return G != DSQ_GRID_FREE && k.pinned ? kPinned : kFree;
+    const bool scaled = k.xscale != decltype(k.xscale)(1);
+    if (G == DSQ_GRID_FREE) return scaled ? kFreeScaled : kFree;
+    if (!k.pinned) return kFree;
+    return scaled ? kPinnedScaled : kPinned;
 }
 
 // One chunk of the forward, with the element functions of run R.
@@ -238,12 +248,19 @@ __global__ void __launch_bounds__(kBlock)
             run = run_of<G>(k);
             cur = ck.channel;
         }
-        if (run == kFree)
-            forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
-        else if (G != DSQ_GRID_FREE && run == kPinned)
-            forward_chunk<S, kPinned>(k, ck, x, y, vec_ok);
-        else
-            forward_chunk<S, kAny>(k, ck, x, y, vec_ok);
+        if (G == DSQ_GRID_FREE) {
+            if (run == kFree)
+                forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
+            else
+                forward_chunk<S, kFreeScaled>(k, ck, x, y, vec_ok);
+        } else {
+            if (run == kPinned)
+                forward_chunk<S, kPinned>(k, ck, x, y, vec_ok);
+            else if (run == kPinnedScaled)
+                forward_chunk<S, kPinnedScaled>(k, ck, x, y, vec_ok);
+            else
+                forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
+        }
     }
 }
 
@@ -353,12 +370,19 @@ __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
             cur = ck.channel;
         }
         T sl = 0, su = 0, sa = 0;
-        if (run == kFree)
-            backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
-        else if (G != DSQ_GRID_FREE && run == kPinned)
-            backward_chunk<S, MODE, kPinned>(k, ck, g, x, dx, vec_ok, sl, su, sa);
-        else
-            backward_chunk<S, MODE, kAny>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+        if (G == DSQ_GRID_FREE) {
+            if (run == kFree)
+                backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+            else
+                backward_chunk<S, MODE, kFreeScaled>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+        } else {
+            if (run == kPinned)
+                backward_chunk<S, MODE, kPinned>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+            else if (run == kPinnedScaled)
+                backward_chunk<S, MODE, kPinnedScaled>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+            else
+                backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
+        }
         double s[3] = {double(sl), double(su), double(sa)};
         block_sum3(s);
         if (threadIdx.x == 0) {
