@@ -19,8 +19,8 @@ W4A4=(--quan_bit 4 --quantize_input --act-percentile 99.9)
 
 for s in 0 1; do
     for grid in free affine symmetric; do
-        # free is the default: its runs carry no --grid, as every earlier run
-        g=$([[ $grid == free ]] || echo "--grid $grid")
+        # free runs name --grid free: the default is what this study chooses
+        g="--grid $grid"
         add dsq_w4a4_p999_${grid}_s$s "-q DSQ ${W4A4[*]} $g --epochs 1 ${FT[*]} --seed $s"
         add dsq_w2a2_p99_${grid}_s$s  "-q DSQ ${W2A2[*]} $g --epochs 1 ${FT[*]} --seed $s"
     done
