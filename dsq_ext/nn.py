@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import fused, ops
 
 __all__ = [
     "Quantizer",
@@ -177,7 +177,8 @@ class Quantizer(nn.Module):
             self.initialized.fill_(True)
             self._initialized = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def kernel_args(self, x: Tensor) -> fused.QuantArgs:
+        """What a kernel call on x takes besides x; first sets or updates the bounds, as forward does."""
         needs_observe = self.training and not (self.bounds == "learned" and self._initialized)
         if needs_observe and getattr(self, "_is_replica", False):
             # nn.DataParallel replicas are thrown away after each forward: bounds set
@@ -208,11 +209,14 @@ class Quantizer(nn.Module):
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
         sort = self.bounds == "learned"
-        if self.method == "dsq":
-            return ops.dsq_quantize(
-                x, self.lower, self.upper, self.alpha, self.bits, grad_scale=s, sort_bounds=sort
-            )
-        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, grad_scale=s, sort_bounds=sort)
+        return fused.QuantArgs(self.lower, self.upper, self.alpha, self.bits, self.method, s, sort)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.kernel_args(x)
+        kw = dict(grad_scale=q.grad_scale, sort_bounds=q.sort_bounds)
+        if q.method == "dsq":
+            return ops.dsq_quantize(x, q.lower, q.upper, q.alpha, q.bits, **kw)
+        return ops.uniform_quantize(x, q.lower, q.upper, q.bits, **kw)
 
 
 class _QuantMixin:
@@ -220,10 +224,13 @@ class _QuantMixin:
 
     _FLOAT: type[nn.Module]
 
-    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, **common):
+    def _init_quantizers(self, *, w_bits, a_bits, per_channel, act_percentile, recompute, **common):
         # common: what both quantizers take (method, alpha_init, bounds, momentum, grad_scale, device).
         _check_bits("w_bits", w_bits, allow_none=True)
         _check_bits("a_bits", a_bits, allow_none=True)
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {recompute!r}")
+        self.recompute = recompute
         self.weight_quantizer = (
             Quantizer(w_bits, channels=self.weight.shape[0] if per_channel else None, **common)
             if w_bits is not None
@@ -243,6 +250,11 @@ class _QuantMixin:
 
     def quantize_input(self, x: Tensor) -> Tensor:
         return x if self.act_quantizer is None else self.act_quantizer(x)
+
+    def _kernel_args(self, x: Tensor):
+        # In the order the unfused forward quantizes: input, then weight.
+        act = None if self.act_quantizer is None else self.act_quantizer.kernel_args(x)
+        return act, None if self.weight_quantizer is None else self.weight_quantizer.kernel_args(self.weight)
 
     @classmethod
     def from_float(cls, mod: nn.Module, **kwargs):
@@ -274,6 +286,7 @@ class _QuantMixin:
             super().extra_repr()
             + f", method={self.method}, w_bits={self.w_bits}, a_bits={self.a_bits}"
             + (", per_channel=True" if self.per_channel else "")
+            + ("" if self.recompute else ", recompute=False")
         )
 
 
@@ -305,6 +318,7 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         momentum: float = 0.1,
         grad_scale: bool = True,
         act_percentile: float | None = None,
+        recompute: bool = True,
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -312,7 +326,7 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         )  # fmt: skip
         self._init_quantizers(
             w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            recompute=recompute, method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
             grad_scale=grad_scale, device=device,
         )  # fmt: skip
 
@@ -331,6 +345,14 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.recompute
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and x.dim() == 4
+        ):
+            args = (self.stride, self.padding, self.dilation, self.groups)
+            return fused.conv2d(x, self.weight, self.bias, *self._kernel_args(x), *args)
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -356,11 +378,12 @@ class DSQLinear(_QuantMixin, nn.Linear):
         momentum: float = 0.1,
         grad_scale: bool = True,
         act_percentile: float | None = None,
+        recompute: bool = True,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_quantizers(
             w_bits=w_bits, a_bits=a_bits, per_channel=per_channel, act_percentile=act_percentile,
-            method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
+            recompute=recompute, method=method, alpha_init=alpha_init, bounds=bounds, momentum=momentum,
             grad_scale=grad_scale, device=device,
         )  # fmt: skip
 
@@ -369,6 +392,8 @@ class DSQLinear(_QuantMixin, nn.Linear):
         return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute:
+            return fused.linear(x, self.weight, self.bias, *self._kernel_args(x))
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
