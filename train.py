@@ -151,6 +151,10 @@ quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
 quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
+quant.add_argument('--recompute', default=None, action=argparse.BooleanOptionalAction,
+                   help='quantized layers keep only their float input and weight for backward and '
+                        'quantize them again there: the float model\'s memory, the same gradients '
+                        '(default); --no-recompute keeps the quantized copies')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -678,7 +682,8 @@ def accuracy(output, target, topk=(1,)):
 # (written in the repository's style: ruff would format them as they are)
 
 # The fields of quant_config that must match to resume; alpha_init and
-# act_percentile only matter before the first step, so a resumed run may name others.
+# act_percentile only matter before the first step, and recompute never changes a
+# number, so a resumed run may name others.
 _RESUME_KEYS = ("method", "w_bits", "a_bits", "per_channel", "quantize_first_last", "bounds")
 
 
@@ -695,6 +700,7 @@ def check_args(args):
             ("--bounds", args.bounds),
             ("--alpha-init", args.alpha_init),
             ("--act-percentile", args.act_percentile),
+            ("--[no-]recompute", args.recompute is not None),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:
@@ -712,6 +718,7 @@ def check_args(args):
         args.quantize_input = args.a_bits is not None
         args.bounds = args.bounds or "learned"
         args.alpha_init = 0.2 if args.alpha_init is None else args.alpha_init
+        args.recompute = True if args.recompute is None else args.recompute
         if args.act_percentile is not None and args.a_bits is None:
             parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
 
@@ -792,6 +799,7 @@ def quant_config(args):
         "bounds": args.bounds,
         "alpha_init": args.alpha_init,
         "act_percentile": args.act_percentile,
+        "recompute": args.recompute,
     }
 
 
@@ -807,6 +815,7 @@ def quantize_kwargs(args):
         bounds=cfg["bounds"],
         alpha_init=cfg["alpha_init"],
         act_percentile=cfg.get("act_percentile"),
+        recompute=cfg["recompute"],
     )
 
 
@@ -824,6 +833,7 @@ def describe_config(cfg):
     flags += ["--bounds", str(cfg.get("bounds"))]
     if cfg.get("act_percentile") is not None:
         flags += ["--act-percentile", f"{cfg['act_percentile']:g}"]
+    flags += ["--no-recompute"] * (cfg.get("recompute") is False)
     return " ".join(flags)
 
 

@@ -134,6 +134,7 @@ def test_dsq_w4a4_one_epoch(dsq_run):
         "bounds": "learned",
         "alpha_init": 0.2,
         "act_percentile": None,
+        "recompute": True,
     }
     sd = ckpt["state_dict"]
     assert not any(k.startswith("module.") for k in sd)
@@ -174,14 +175,14 @@ def test_dsq_w4a4_one_epoch_on_cuda(data, tmp_path):
 
 @slow
 def test_uniform_one_epoch(data, tmp_path):
-    # -q is case-insensitive; --w-bits and --a-bits override --quan_bit.
+    # -q is case-insensitive; --w-bits and --a-bits override --quan_bit; the unfused layers.
     _, out = run_train(
-        "-a", "resnet18", "-q", "UNIFORM", "--quan_bit", "4", "--a-bits", "8", *SMALL,
+        "-a", "resnet18", "-q", "UNIFORM", "--quan_bit", "4", "--a-bits", "8", "--no-recompute", *SMALL,
         "--epochs", "1", "--log_path", tmp_path, data,
     )  # fmt: skip
-    assert "-q uniform --w-bits 4 --a-bits 8 --bounds learned" in out
+    assert "-q uniform --w-bits 4 --a-bits 8 --bounds learned --no-recompute" in out
     ckpt = load(tmp_path / "model_best.pth.tar")
-    assert ckpt["quant"]["method"] == "uniform"
+    assert ckpt["quant"]["method"] == "uniform" and ckpt["quant"]["recompute"] is False
     assert (ckpt["quant"]["w_bits"], ckpt["quant"]["a_bits"]) == (4, 8)
     assert not any(k.endswith("_quantizer.alpha") for k in ckpt["state_dict"])
 
@@ -363,6 +364,7 @@ def _reject(train_script, capsys, argv):
         (["-q", "DSQ", "--quantize_input", "-e", "d"], "--evaluate of a model with quantized activations"),
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
         (["--act-percentile", "99", "d"], "--act-percentile only apply with -q"),
+        (["--no-recompute", "d"], "--[no-]recompute only apply with -q"),
         (["-q", "DSQ", "--act-percentile", "99", "d"], "--act-percentile needs quantized activations"),
         (
             ["-q", "DSQ", "--quantize_input", "--act-percentile", "40", "d"],
@@ -392,6 +394,12 @@ def test_quantization_flags_resolve(train_script):
     train_script.check_args(args)
     assert train_script.quantize_kwargs(args)["act_percentile"] == 99.9
     assert "--act-percentile 99" in train_script.describe_config(cfg)
+    # recompute: on by default, recorded, and passed to the layers
+    assert cfg["recompute"] is True and "recompute" not in train_script.describe_config(cfg)
+    args = train_script.parser.parse_args(["-q", "DSQ", "--no-recompute", "d"])
+    train_script.check_args(args)
+    assert train_script.quantize_kwargs(args)["recompute"] is False
+    assert "--no-recompute" in train_script.describe_config(args)
 
 
 @slow
