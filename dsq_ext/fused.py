@@ -49,7 +49,7 @@ _N_TENSORS = 3  # lower, upper, alpha: the fields that travel as autograd inputs
 
 
 def quantize(x: Tensor, q: QuantArgs) -> Tensor:
-    """The quantizer's forward kernel, without autograd."""
+    """The quantizer's forward kernel (inside the node, autograd records nothing around it)."""
     if q.method == "dsq":
         return _ops.dsq_quantize(x, q.lower, q.upper, q.alpha, q.bits, q.grad_scale, q.sort_bounds)
     return _ops.uniform_quantize(x, q.lower, q.upper, q.bits, q.grad_scale, q.sort_bounds)
@@ -174,23 +174,22 @@ class _QuantizedProduct(torch.autograd.Function):
         wq = _cast(weight if wgt is None else quantize(weight, wgt), dtype)
         g_xq, g_wq, g_b = op.backward(grad, xq, wq, ctx.bias_shape, (need_x, need_w, need[2]))
         del xq, wq
-        grads = [None] * 10
-        if need[2]:
-            grads[2] = _uncast(g_b, ctx.bias_dtype)
-        for i, (t, q, g) in enumerate(((x, act, g_xq), (weight, wgt, g_wq))):
-            if g is None:
-                continue
-            g = _uncast(g, t.dtype)
-            if q is None:
-                grads[i] = g
-                continue
-            gt, gl, gu, ga = quantize_backward(g, t, q)
-            base = 3 + 3 * i
-            for j, value in enumerate((gt, gl, gu, ga)):
-                k = i if j == 0 else base + j - 1
-                if need[k]:
-                    grads[k] = value
-        return tuple(grads)
+        g_b = _uncast(g_b, ctx.bias_dtype)
+        gx, ga_lower, ga_upper, ga_alpha = _through_quantizer(g_xq, x, act)
+        del g_xq
+        gw, gw_lower, gw_upper, gw_alpha = _through_quantizer(g_wq, weight, wgt)
+        grads = (gx, gw, g_b, ga_lower, ga_upper, ga_alpha, gw_lower, gw_upper, gw_alpha, None)
+        return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _through_quantizer(g: Tensor | None, t: Tensor, q: QuantArgs | None):
+    # The product's gradient g of quantize(t) -> (grad_t, grad_lower, grad_upper, grad_alpha).
+    if g is None:
+        return None, None, None, None
+    g = _uncast(g, t.dtype)
+    if q is None:
+        return g, None, None, None
+    return quantize_backward(g, t, q)
 
 
 def _uncast(g: Tensor | None, dtype) -> Tensor | None:
@@ -198,15 +197,18 @@ def _uncast(g: Tensor | None, dtype) -> Tensor | None:
     return g if g is None or g.dtype == dtype else g.to(dtype)
 
 
+def _split(q: QuantArgs | None):
+    # lower, upper and alpha travel as autograd inputs; the rest rides along as constants.
+    if q is None:
+        return (None,) * _N_TENSORS, None
+    return tuple(q[:_N_TENSORS]), tuple(q[_N_TENSORS:])
+
+
 def _apply(op, x, weight, bias, act: QuantArgs | None, wgt: QuantArgs | None) -> Tensor:
-    def split(q):
-        return (None,) * _N_TENSORS if q is None else tuple(q[:_N_TENSORS])
-
-    def static(q):
-        return None if q is None else tuple(q[_N_TENSORS:])
-
-    spec = (op, static(act), static(wgt), _autocast_dtype(x))
-    return _QuantizedProduct.apply(x, weight, bias, *split(act), *split(wgt), spec)
+    act_tensors, act_static = _split(act)
+    wgt_tensors, wgt_static = _split(wgt)
+    spec = (op, act_static, wgt_static, _autocast_dtype(x))
+    return _QuantizedProduct.apply(x, weight, bias, *act_tensors, *wgt_tensors, spec)
 
 
 def conv2d(x, weight, bias, act: QuantArgs | None, wgt: QuantArgs | None, stride, padding, dilation, groups):
