@@ -163,6 +163,10 @@ quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric
                         'level, integer zero point, as ONNX QuantizeLinear stores it) or symmetric '
                         '(weights; zero point 0, levels -(2^(b-1)-1)..2^(b-1)-1; activations then '
                         'use affine) (default: free)')
+quant.add_argument('--recompute', default=None, action=argparse.BooleanOptionalAction,
+                   help='quantized layers keep only their float input and weight for backward and '
+                        'quantize them again there: the float model\'s memory, the same gradients '
+                        '(default); --no-recompute keeps the quantized copies')
 quant.add_argument('--image-size', default=224, type=_positive, metavar='N',
                    help='training crop; validation resizes to N/0.875 and centre-crops N (default: 224)')
 quant.add_argument('--init-from', default='', type=str, metavar='CKPT',
@@ -275,8 +279,10 @@ def main_worker(gpu, ngpus_per_node, args):
     if args.init_from:
         load_float_weights(model, args.init_from)
     if args.quantize:
-        model = quant_config(args).quantize(model)
-        print(f"=> quantized {len(dsq_ext.quantized_modules(model))} layers: {describe_config(quant_config(args))}")
+        # recompute changes how the layers compute, never a number: not part of the config.
+        model = quant_config(args).quantize(model, recompute=args.recompute is not False)
+        flags = describe_config(quant_config(args)) + " --no-recompute" * (args.recompute is False)
+        print(f"=> quantized {len(dsq_ext.quantized_modules(model))} layers: {flags}")
     # --- end dsq_ext
 
     if not use_accel:
@@ -702,6 +708,7 @@ def check_args(args):
             ("--alpha-lr-scale", args.alpha_lr_scale),
             ("--bounds-lr-scale", args.bounds_lr_scale),
             ("--grid", args.grid),
+            ("--[no-]recompute", args.recompute is not None),
         )
         orphans = [flag for flag, value in given if value not in (None, False)]
         if orphans:

@@ -3,16 +3,22 @@
 
 Variants (same initial weights, same batch):
 
-  float      the plain model
-  dsq        dsq_ext.quantize_model(model, "dsq", 4, 4)      (fused C/CUDA op)
-  uniform    dsq_ext.quantize_model(model, "uniform", 4, 4)  (fused op, straight-through)
-  composite  the dsq model with the op swapped for DSQ written in torch ops
-             (what common implementations do; autograd derives the backward)
+  float         the plain model
+  dsq           dsq_ext.quantize_model(model, "dsq", 4, 4)      (fused C/CUDA op; the layers'
+                default recompute=True: one autograd node per layer, which keeps the float
+                input and weight and quantizes them again in backward)
+  dsq_keep      the same with recompute=False: the quantizer ops and F.conv2d as three
+                autograd nodes, the convolution keeping the quantized input and weight
+  uniform       dsq_ext.quantize_model(model, "uniform", 4, 4)  (fused op, straight-through)
+  uniform_keep  the same with recompute=False
+  composite     the dsq_keep model with the op swapped for DSQ written in torch ops
+                (what common implementations do; autograd derives the backward)
 
 A step is zero_grad, forward, cross-entropy, backward, optimizer step. After
 warm-up steps (the first sets the learned bounds), every round runs each
 variant once, A B C D A B C D ..., and the reported ratio is the median of the
-per-round ratios to float, which keeps a shared machine's slow drifts out of it.
+per-round ratios to float, which keeps a shared machine's slow drifts out of it;
+"time / keep" is the same paired ratio of a recompute variant to its _keep twin.
 
 Memory: "saved for bwd" is the bytes of the unique storages autograd keeps for
 backward (saved_tensors_hooks, during the last warm-up step), on every device;
@@ -33,7 +39,9 @@ import copy
 import functools
 import math
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import dsq_ext  # noqa: E402
 
-VARIANTS = ("float", "dsq", "uniform", "composite")
+VARIANTS = ("float", "dsq", "dsq_keep", "uniform", "uniform_keep", "composite")
 
 
 def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
@@ -54,10 +62,11 @@ def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
     models = {}
     for v in variants:
         m = copy.deepcopy(base)
-        if v in ("dsq", "composite"):
-            dsq_ext.quantize_model(m, "dsq", w_bits, a_bits, per_channel=per_channel)
-        elif v == "uniform":
-            dsq_ext.quantize_model(m, "uniform", w_bits, a_bits, per_channel=per_channel)
+        if v != "float":
+            # composite swaps the op that the unfused layers (recompute=False) call
+            method = "dsq" if v == "composite" else v.removesuffix("_keep")
+            recompute = v in ("dsq", "uniform")
+            dsq_ext.quantize_model(m, method, w_bits, a_bits, per_channel=per_channel, recompute=recompute)
         models[v] = m.to(device).train()
     return models
 
@@ -180,13 +189,18 @@ def main(argv=None) -> int:
     common.sync(device)
 
     times = {v: [] for v in variants}
+    cpu_times = {v: [] for v in variants}
     peaks = {v: [] for v in variants}
     losses = {}
-    for _ in range(reps):
-        for v, r in runners.items():
+    for i in range(reps):
+        # Every other round runs backwards, so that no variant always follows the same one.
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            r = runners[v]
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
+            cpu0 = time.process_time()
             times[v].append(common.timed(functools.partial(r.step, x, y), device))
+            cpu_times[v].append(time.process_time() - cpu0)
             if cuda:
                 peaks[v].append(torch.cuda.max_memory_allocated(device))
             losses[v] = float(r.last_loss)
@@ -206,7 +220,15 @@ def main(argv=None) -> int:
             "saved_excl_params_over_float": saved[v][1] / saved["float"][1],
             "last_loss": losses[v],
             "step_samples_s": times[v],
+            "cpu_samples_s": cpu_times[v],
         }
+        twin = v + "_keep"
+        if twin in times:
+            # recompute against the unfused layers, paired round by round
+            rec["time_over_keep"] = common.median([a / b for a, b in zip(times[v], times[twin])])
+            rec["time_min_over_keep"] = min(times[v]) / min(times[twin])
+            rec["time_over_keep_rounds"] = [a / b for a, b in zip(times[v], times[twin])]
+            rec["cpu_over_keep_rounds"] = [a / b for a, b in zip(cpu_times[v], cpu_times[twin])]
         if cuda:
             rec["peak_allocated_bytes"] = common.median(peaks[v])
             rec["peak_over_float"] = common.median([a / b for a, b in zip(peaks[v], peaks["float"])])
@@ -217,6 +239,7 @@ def main(argv=None) -> int:
         "step ms",
         "img/s",
         "time / float",
+        "time / keep",
         "saved for bwd",
         "/ float",
         "excl. params",
@@ -231,6 +254,9 @@ def main(argv=None) -> int:
             f"{common.fmt_ms(r['step_s'])} ({common.fmt_ms(r['step_min_s'])})",
             f"{r['images_per_s']:.1f}",
             f"{common.fmt_ratio(r['time_over_float'])} ({common.fmt_ratio(r['time_min_over_float'])})",
+            f"{common.fmt_ratio(r['time_over_keep'])} ({common.fmt_ratio(r['time_min_over_keep'])})"
+            if "time_over_keep" in r
+            else "-",
             common.fmt_bytes(r["saved_bytes"]),
             common.fmt_ratio(r["saved_over_float"]),
             common.fmt_bytes(r["saved_bytes_excl_params"]),
@@ -248,8 +274,10 @@ def main(argv=None) -> int:
     )
     print(
         f"\n{mem_note}. Cells read 'median (best)': step times are medians (minima), time ratios "
-        "are medians of per-round ratios to float (ratios of minima)."
+        "are medians of per-round ratios to float or to the _keep twin (ratios of minima)."
     )
+    if not cuda:
+        print_cpu_time_table(rows, cpu_times)
     bad = [v for v in variants if not math.isfinite(losses[v])]
     if bad:
         print(f"warning: non-finite loss in {', '.join(bad)} (timings of NaN steps are not representative)")
@@ -267,6 +295,45 @@ def main(argv=None) -> int:
         | {"results": rows, "profiles": profiles},
     )
     return 0
+
+
+def _quartiles(xs) -> str:
+    if len(xs) < 2:
+        return "-"
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return f"[{q1:.3f}, {q3:.3f}]"
+
+
+def print_cpu_time_table(rows, cpu_times) -> None:
+    """Process CPU time of each step: on a shared machine, time spent descheduled does not count."""
+    body = []
+    for r in rows:
+        v = r["variant"]
+        per_round = [a / b for a, b in zip(cpu_times[v], cpu_times["float"])]
+        keep = r.get("cpu_over_keep_rounds")
+        wall_keep = r.get("time_over_keep_rounds")
+        body.append(
+            [
+                v,
+                f"{common.fmt_ms(common.median(cpu_times[v]))} ({common.fmt_ms(min(cpu_times[v]))})",
+                f"{common.median(per_round):.3f} {_quartiles(per_round)}",
+                f"{common.median(keep):.3f} {_quartiles(keep)}" if keep else "-",
+                f"{common.median(wall_keep):.3f} {_quartiles(wall_keep)}" if wall_keep else "-",
+            ]
+        )
+        r["cpu_over_float"] = common.median(per_round)
+        if keep:
+            r["cpu_over_keep"] = common.median(keep)
+    print()
+    print(
+        common.markdown_table(
+            ["variant", "cpu ms", "cpu / float [q1, q3]", "cpu / keep [q1, q3]", "time / keep [q1, q3]"], body
+        )
+    )
+    print(
+        "\nProcess CPU time (time.process_time) of the same steps; ratios are medians of the "
+        "per-round ratios, with their quartiles over the rounds."
+    )
 
 
 def profile_step(runner, x, y, device) -> dict:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import fused, ops
 from .config import _UNSET, QuantConfig, resolve_layer_configs
 
 __all__ = [
@@ -173,7 +173,8 @@ class Quantizer(nn.Module):
             self.initialized.fill_(True)
             self._initialized = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def kernel_args(self, x: Tensor) -> fused.QuantArgs:
+        """What a kernel call on x takes besides x; first sets or updates the bounds, as forward does."""
         needs_observe = self.training and not (self.bounds == "learned" and self._initialized)
         if needs_observe and getattr(self, "_is_replica", False):
             # nn.DataParallel replicas are thrown away after each forward: bounds set
@@ -203,10 +204,15 @@ class Quantizer(nn.Module):
         if self.config.grad_scale:
             per_channel = x.numel() // (self.channels or 1)
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
-        kw = {"grad_scale": s, "sort_bounds": self.bounds == "learned", "grid": self.grid}
-        if self.method == "dsq":
-            return ops.dsq_quantize(x, self.lower, self.upper, self.alpha, self.bits, **kw)
-        return ops.uniform_quantize(x, self.lower, self.upper, self.bits, **kw)
+        sort = self.bounds == "learned"
+        return fused.QuantArgs(self.lower, self.upper, self.alpha, self.bits, self.method, s, sort, self.grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.kernel_args(x)
+        kw = dict(grad_scale=q.grad_scale, sort_bounds=q.sort_bounds, grid=q.grid)
+        if q.method == "dsq":
+            return ops.dsq_quantize(x, q.lower, q.upper, q.alpha, q.bits, **kw)
+        return ops.uniform_quantize(x, q.lower, q.upper, q.bits, **kw)
 
 
 class _QuantMixin:
@@ -214,11 +220,16 @@ class _QuantMixin:
 
     _FLOAT: type[nn.Module]
 
-    def _init_quantizers(self, weight_config, act_config, args, kwargs, device):
-        w, a = resolve_layer_configs(weight_config, act_config, args, kwargs)
+    def _init_quantizers(self, weight_config, act_config, kwargs, recompute, device):
+        w, a = resolve_layer_configs(weight_config, act_config, (), kwargs)
         channels = self.weight.shape[0] if w is not None and w.per_channel else None
         self.weight_quantizer = None if w is None else Quantizer(w, channels=channels, device=device)
         self.act_quantizer = None if a is None else Quantizer(a, is_activation=True, device=device)
+        # How the layer computes, not what it computes (the same values and gradients
+        # either way), so it lives on the layer, not in the quantizers' configs.
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {recompute!r}")
+        self.recompute = recompute
 
     @property
     def weight_config(self) -> QuantConfig | None:
@@ -234,6 +245,11 @@ class _QuantMixin:
 
     def quantize_input(self, x: Tensor) -> Tensor:
         return x if self.act_quantizer is None else self.act_quantizer(x)
+
+    def _kernel_args(self, x: Tensor):
+        # In the order the unfused forward quantizes: input, then weight.
+        act = None if self.act_quantizer is None else self.act_quantizer.kernel_args(x)
+        return act, None if self.weight_quantizer is None else self.weight_quantizer.kernel_args(self.weight)
 
     @classmethod
     def from_float(cls, mod: nn.Module, **kwargs):
@@ -264,6 +280,7 @@ class _QuantMixin:
         w, a = self.weight_config, self.act_config
         return super().extra_repr() + (
             f", weight={w.describe() if w else 'float'}, input={a.describe() if a else 'float'}"
+            + ("" if self.recompute else ", recompute=False")
         )
 
 
@@ -288,13 +305,14 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         *,
         weight_config: QuantConfig | None = _UNSET,
         act_config: QuantConfig | None = _UNSET,
+        recompute: bool = True,
         **quant_kwargs,
     ):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device, dtype,
         )  # fmt: skip
-        self._init_quantizers(weight_config, act_config, (), quant_kwargs, device)
+        self._init_quantizers(weight_config, act_config, quant_kwargs, recompute, device)
 
     @staticmethod
     def _float_config(m) -> dict:
@@ -311,6 +329,14 @@ class DSQConv2d(_QuantMixin, nn.Conv2d):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.recompute
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and x.dim() == 4
+        ):
+            args = (self.stride, self.padding, self.dilation, self.groups)
+            return fused.conv2d(x, self.weight, self.bias, *self._kernel_args(x), *args)
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -329,16 +355,19 @@ class DSQLinear(_QuantMixin, nn.Linear):
         *,
         weight_config: QuantConfig | None = _UNSET,
         act_config: QuantConfig | None = _UNSET,
+        recompute: bool = True,
         **quant_kwargs,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_quantizers(weight_config, act_config, (), quant_kwargs, device)
+        self._init_quantizers(weight_config, act_config, quant_kwargs, recompute, device)
 
     @staticmethod
     def _float_config(m) -> dict:
         return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute:
+            return fused.linear(x, self.weight, self.bias, *self._kernel_args(x))
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
@@ -353,6 +382,7 @@ def quantize_model(
     skip_first: bool = True,
     skip_last: bool = True,
     filter_fn=None,
+    recompute: bool = True,
     **kwargs,
 ) -> nn.Module:
     """Replaces nn.Conv2d and nn.Linear in place with DSQConv2d / DSQLinear; returns the model.
@@ -364,7 +394,7 @@ def quantize_model(
     conv) and the last one (the classifier) stay float, as in the paper.
     filter_fn(module, qualified_name) -> bool, when given, must also accept a
     layer for it to be swapped (skip_first=False, skip_last=False leave the
-    choice to filter_fn alone).
+    choice to filter_fn alone). recompute goes to every layer (see DSQConv2d).
     """
     if type(model) in _SWAPS:
         raise TypeError(
@@ -376,7 +406,11 @@ def quantize_model(
     ):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _SWAPS[type(mod)].from_float(mod, weight_config=w, act_config=a))
+        setattr(
+            parent,
+            child,
+            _SWAPS[type(mod)].from_float(mod, weight_config=w, act_config=a, recompute=recompute),
+        )
     return model
 
 

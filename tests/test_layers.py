@@ -20,8 +20,9 @@ def conv(device="cpu", **kw):
 
 @pytest.mark.parametrize("method", ["dsq", "uniform"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_conv_equals_conv2d_of_quantized_weight_and_input(device, method, per_channel):
-    layer = conv(device, method=method, per_channel=per_channel)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_conv_equals_conv2d_of_quantized_weight_and_input(device, method, per_channel, recompute):
+    layer = conv(device, method=method, per_channel=per_channel, recompute=recompute)
     x = torch.randn(4, 8, 10, 10, device=device).relu()
     y = layer(x)
     wq, aq = layer.weight_quantizer, layer.act_quantizer
@@ -37,8 +38,9 @@ def test_conv_equals_conv2d_of_quantized_weight_and_input(device, method, per_ch
     assert len(levels) <= 16
 
 
-def test_linear_equals_linear_of_quantized(device):
-    layer = DSQLinear(12, 5, device=device, w_bits=3, a_bits=2)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_linear_equals_linear_of_quantized(device, recompute):
+    layer = DSQLinear(12, 5, device=device, w_bits=3, a_bits=2, recompute=recompute)
     x = torch.randn(7, 12, device=device)
     y = layer(x)
     wq, aq = layer.weight_quantizer, layer.act_quantizer
@@ -169,9 +171,10 @@ def test_quantize_model_resnet18():
     assert isinstance(full.conv1, DSQConv2d) and isinstance(full.fc, DSQLinear)
 
 
-def test_quantize_model_mobilenet_v2_depthwise():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_quantize_model_mobilenet_v2_depthwise(recompute):
     model = dsq_ext.quantize_model(
-        torchvision.models.mobilenet_v2(num_classes=10), "dsq", 4, 4, per_channel=True
+        torchvision.models.mobilenet_v2(num_classes=10), "dsq", 4, 4, per_channel=True, recompute=recompute
     )
     depthwise = [m for m in model.modules() if isinstance(m, DSQConv2d) and m.groups > 1]
     assert depthwise and all(m.groups == m.in_channels for m in depthwise)
@@ -252,8 +255,9 @@ def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
             assert 0 < m.alpha.item() < 1
 
 
-def test_compile_fullgraph_forward_backward():
-    layer = conv(per_channel=True)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_compile_fullgraph_forward_backward(recompute):
+    layer = conv(per_channel=True, recompute=recompute)
     x = torch.randn(2, 8, 7, 7, requires_grad=True)
     layer(x)  # bounds are initialised eagerly on the first training step
     ref_layer = copy.deepcopy(layer)
@@ -276,8 +280,9 @@ def test_compile_inductor_matches_eager():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_autocast_bfloat16_cpu():
-    layer = conv()
+@pytest.mark.parametrize("recompute", [True, False])
+def test_autocast_bfloat16_cpu(recompute):
+    layer = conv(recompute=recompute)
     x = torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)

@@ -90,12 +90,13 @@ def test_dsq_w4a4_one_epoch_on_cuda(data, tmp_path):
 
 @slow
 def test_uniform_one_epoch(data, tmp_path):
-    # -q is case-insensitive; --w-bits and --a-bits override --quan_bit.
+    # -q is case-insensitive; --w-bits and --a-bits override --quan_bit; the unfused layers.
     _, out = run_train(
-        "-a", "resnet18", "-q", "UNIFORM", "--quan_bit", "4", "--a-bits", "8", *SMALL,
+        "-a", "resnet18", "-q", "UNIFORM", "--quan_bit", "4", "--a-bits", "8", "--no-recompute", *SMALL,
         "--epochs", "1", "--log_path", tmp_path, data,
     )  # fmt: skip
-    assert "-q uniform --w-bits 4 --a-bits 8 --bounds learned" in out
+    assert "-q uniform --w-bits 4 --a-bits 8 --bounds learned --grid " in out
+    assert out.count("--no-recompute") == 1
     ckpt = load(tmp_path / "model_best.pth.tar")
     cfg = dsq_ext.ModelQuantConfig.from_dict(ckpt["quant"])
     assert (cfg.method, cfg.weight.bits, cfg.act.bits) == ("uniform", 4, 8)
@@ -262,6 +263,7 @@ def _reject(train_script, capsys, argv):
         (["-q", "DSQ", "--quantize_input", "-e", "d"], "--evaluate of a model with quantized activations"),
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
         (["--act-percentile", "99", "d"], "--act-percentile only apply with -q"),
+        (["--no-recompute", "d"], "--[no-]recompute only apply with -q"),
         (["-q", "DSQ", "--act-percentile", "99", "d"], "--act-percentile needs quantized activations"),
         (["--alpha-lr-scale", "10", "d"], "--alpha-lr-scale only apply with -q"),
         (["-q", "uniform", "--alpha-lr-scale", "10", "d"], "--alpha-lr-scale apply to -q DSQ only"),
@@ -309,6 +311,10 @@ def test_quantization_flags_resolve(train_script):
     assert "--alpha-lr-scale 100 --bounds-lr-scale 0" in train_script.describe_config(cfg)
     args = train_script.parser.parse_args(["-q", "DSQ", "--log-path", "somewhere", "d"])
     assert args.log_path == "somewhere"
+    # recompute: how the layers compute, not part of the recorded config
+    args = train_script.parser.parse_args(["-q", "DSQ", "--no-recompute", "d"])
+    train_script.check_args(args)
+    assert args.recompute is False and "recompute" not in str(train_script.quant_config(args).to_dict())
 
 
 @slow
