@@ -1,4 +1,6 @@
-"""Builds dsq_ext._C against the installed torch: `pip install --no-build-isolation .`
+"""Builds dsq_ext._C against torch: `pip install .` (see build_backend/dsq_build.py for which torch)
+
+The wheel requires torch==<the version compiled against>: the extension only loads in that torch.
 
 Environment switches:
   FORCE_CUDA=1 / FORCE_CUDA=0   build / skip the CUDA kernels whatever is detected
@@ -7,20 +9,26 @@ Environment switches:
 """
 
 import glob
+import importlib.metadata
 import os
 import platform
 import shutil
 
 from setuptools import find_packages, setup
 
+# The oldest torch that dsq_ext builds with (build_backend/dsq_build.py states the same floor).
+TORCH_FLOOR = "torch>=2.4"
+
 try:
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     raise SystemExit(
-        "dsq_ext is compiled against the torch that is already installed. Install torch first, "
-        "then build with: pip install --no-build-isolation ."
+        "dsq_ext is compiled against torch, which this build cannot import. `pip install .` "
+        "uses the torch of the environment it installs into, or installs one; with "
+        "--no-build-isolation (or `python setup.py ...`), install torch first "
+        f"(pip install '{TORCH_FLOOR}')."
     ) from None
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
@@ -42,6 +50,17 @@ def cuda_decision():
     if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
         return False, f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME)"
     return True, f"torch has CUDA {torch.version.cuda} and nvcc is in {CUDA_HOME}/bin"
+
+
+def torch_requirement():
+    """The wheel's runtime requirement: the torch release this build is compiled against, read
+    from the distribution that provides the imported torch (e.g. 2.14.1, or 2.13.0+cpu)."""
+    root = os.path.dirname(os.path.dirname(torch.__file__))
+    dists = list(importlib.metadata.distributions(name="torch", path=[root]))
+    if not dists:  # a torch without package metadata (built from source): nothing to pin
+        print(f"dsq_ext: torch {torch.__version__} in {root} has no package metadata; not pinned")
+        return TORCH_FLOOR
+    return f"torch=={dists[0].version}"
 
 
 C_SOURCES = [f"{CSRC}/dsq_kernels.c"]
@@ -123,5 +142,5 @@ setup(
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=[torch_requirement()],
 )
