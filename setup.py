@@ -9,6 +9,7 @@ Environment switches:
 """
 
 import glob
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -131,6 +132,32 @@ class BuildExt(BuildExtension):
         for ext in self.extensions:
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extensions()
+
+    def build_extension(self, ext):
+        # setuptools reuses an extension that is newer than its sources, even one compiled
+        # against another torch or with other switches (one build/ folder serves an editable
+        # build, then `pip install .` with another torch). A stamp per output records what it
+        # was last built with; anything different rebuilds it.
+        config = repr(
+            (torch.__version__, os.path.dirname(torch.__file__), ext.sources, ext.define_macros)
+            + (ext.extra_compile_args, ext.extra_link_args, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        )
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        stamp = os.path.join(self.build_temp, f"{hashlib.sha1(out.encode()).hexdigest()[:12]}.config")
+        try:
+            with open(stamp) as f:
+                same = f.read() == config and os.path.exists(out)
+        except OSError:
+            same = False
+        force = self.force
+        self.force = force or not same
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = force
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
 
 
 setup(
