@@ -23,6 +23,10 @@ found by asking, in a subprocess, the interpreter that runs pip (the parent of t
 with the environment pip was started with; Linux), else this interpreter with pip's isolation
 variables removed. Without isolation (`--no-build-isolation`) torch is importable here and
 none of this happens.
+
+(PyTorch's LibTorch stable ABI would let one build load in later torch releases as well,
+but the C++ code uses the full ATen/c10 API, and an isolated build would still need a
+torch to compile against.)
 """
 
 import functools
