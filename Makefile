@@ -16,7 +16,7 @@ endif
 DATA ?= data/fashion-mnist
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup build test demo data bench lint clean
+.PHONY: setup build test test-install demo data bench lint clean
 
 $(VENV)/.stamp-deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ build: setup
 	$(PIP) install --no-build-isolation -e .
 	$(PY) -c "import dsq_ext, json; print(json.dumps(dsq_ext.build_info()))"
 
+# The whole suite, with the `pip install` checks (tests/test_install.py) that a plain
+# `pytest tests` skips; `make test-install` runs those alone.
 test: build
-	$(PY) -m pytest -q tests
+	DSQ_INSTALL_TESTS=1 $(PY) -m pytest -q tests
+
+test-install: build
+	DSQ_INSTALL_TESTS=1 $(PY) -m pytest -q tests/test_install.py
 
 # Debian's dataset-fashion-mnist package holds the IDX files (no download at run time).
 $(FMNIST_DEB_DIR):

@@ -1,4 +1,6 @@
-"""Builds dsq_ext._C against the installed torch: `pip install --no-build-isolation .`
+"""Builds dsq_ext._C against torch: `pip install .` (see build_backend/dsq_build.py for which torch)
+
+The wheel requires torch==<the version compiled against>: the extension only loads in that torch.
 
 Environment switches:
   FORCE_CUDA=1 / FORCE_CUDA=0   build / skip the CUDA kernels whatever is detected
@@ -7,20 +9,27 @@ Environment switches:
 """
 
 import glob
+import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
 
 from setuptools import find_packages, setup
 
+# The oldest torch that dsq_ext builds with (build_backend/dsq_build.py states the same floor).
+TORCH_FLOOR = "torch>=2.4"
+
 try:
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     raise SystemExit(
-        "dsq_ext is compiled against the torch that is already installed. Install torch first, "
-        "then build with: pip install --no-build-isolation ."
+        "dsq_ext is compiled against torch, which this build cannot import. `pip install .` "
+        "uses the torch of the environment it installs into, or installs one; with "
+        "--no-build-isolation (or `python setup.py ...`), install torch first "
+        f"(pip install '{TORCH_FLOOR}')."
     ) from None
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
@@ -42,6 +51,17 @@ def cuda_decision():
     if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
         return False, f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME)"
     return True, f"torch has CUDA {torch.version.cuda} and nvcc is in {CUDA_HOME}/bin"
+
+
+def torch_requirement():
+    """The wheel's runtime requirement: the torch release this build is compiled against, read
+    from the distribution that provides the imported torch (e.g. 2.14.1, or 2.13.0+cpu)."""
+    root = os.path.dirname(os.path.dirname(torch.__file__))
+    dists = list(importlib.metadata.distributions(name="torch", path=[root]))
+    if not dists:  # a torch without package metadata (built from source): nothing to pin
+        print(f"dsq_ext: torch {torch.__version__} in {root} has no package metadata; not pinned")
+        return TORCH_FLOOR
+    return f"torch=={dists[0].version}"
 
 
 C_SOURCES = [f"{CSRC}/dsq_kernels.c"]
@@ -113,6 +133,32 @@ class BuildExt(BuildExtension):
             ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extensions()
 
+    def build_extension(self, ext):
+        # setuptools reuses an extension that is newer than its sources, even one compiled
+        # against another torch or with other switches (one build/ folder serves an editable
+        # build, then `pip install .` with another torch). A stamp per output records what it
+        # was last built with; anything different rebuilds it.
+        config = repr(
+            (torch.__version__, os.path.dirname(torch.__file__), ext.sources, ext.define_macros)
+            + (ext.extra_compile_args, ext.extra_link_args, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        )
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
+        stamp = os.path.join(self.build_temp, f"{hashlib.sha1(out.encode()).hexdigest()[:12]}.config")
+        try:
+            with open(stamp) as f:
+                same = f.read() == config and os.path.exists(out)
+        except OSError:
+            same = False
+        force = self.force
+        self.force = force or not same
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = force
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
+
 
 setup(
     name="dsq_ext",
@@ -123,7 +169,7 @@ setup(
     cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    # dsq_ext.export_onnx / python -m dsq_ext.export: pip install --no-build-isolation .[export]
+    install_requires=[torch_requirement()],
+    # dsq_ext.export_onnx / python -m dsq_ext.export: pip install .[export]
     extras_require={"export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5", "ml_dtypes"]},
 )

@@ -11,11 +11,10 @@ import torch  # noqa: F401  (loads libtorch before the extension that links it)
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
-    raise ImportError(
-        "dsq_ext's compiled extension dsq_ext._C could not be loaded. Build it against the "
-        "installed torch with `pip install --no-build-isolation .` (or `make build`). "
-        f"Original error: {e}"
-    ) from e
+    # e.g. a checkout's dsq_ext/ (not built) hiding the installed package: see _extension.py
+    from ._extension import load_or_explain
+
+    _C = load_or_explain(e)
 
 from .config import ModelQuantConfig, QuantConfig, layer_configs  # noqa: E402
 from .nn import (  # noqa: E402
