@@ -162,7 +162,7 @@ quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric
                    help='quantization levels: free (lower + k*Delta, the paper\'s), affine (0.0 is a '
                         'level, integer zero point, as ONNX QuantizeLinear stores it) or symmetric '
                         '(weights; zero point 0, levels -(2^(b-1)-1)..2^(b-1)-1; activations then '
-                        'use affine) (default: free)')
+                        f'use affine) (default: {dsq_ext.QuantConfig().grid})')
 quant.add_argument('--recompute', default=None, action=argparse.BooleanOptionalAction,
                    help='quantized layers keep only their float input and weight for backward and '
                         'quantize them again there: the float model\'s memory, the same gradients '

@@ -11,8 +11,8 @@ Variants (same initial weights, same batch):
                 autograd nodes, the convolution keeping the quantized input and weight
   uniform       dsq_ext.quantize_model(model, "uniform", 4, 4)  (fused op, straight-through)
   uniform_keep  the same with recompute=False
-  composite     the dsq_keep model with the op swapped for DSQ written in torch ops
-                (what common implementations do; autograd derives the backward)
+  composite     the dsq_keep model on the free grid, with the op swapped for DSQ written in
+                torch ops (what common implementations do; autograd derives the backward)
 
 A step is zero_grad, forward, cross-entropy, backward, optimizer step. After
 warm-up steps (the first sets the learned bounds), every round runs each
@@ -66,7 +66,11 @@ def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
             # composite swaps the op that the unfused layers (recompute=False) call
             method = "dsq" if v == "composite" else v.removesuffix("_keep")
             recompute = v in ("dsq", "uniform")
-            dsq_ext.quantize_model(m, method, w_bits, a_bits, per_channel=per_channel, recompute=recompute)
+            # the composite computes the paper's free grid; the others the default grid
+            grid = {"grid": "free"} if v == "composite" else {}
+            dsq_ext.quantize_model(
+                m, method, w_bits, a_bits, per_channel=per_channel, recompute=recompute, **grid
+            )
         models[v] = m.to(device).train()
     return models
 

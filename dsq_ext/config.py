@@ -74,8 +74,11 @@ class QuantConfig:
     alpha_lr_scale: float = 1.0
     bounds_lr_scale: float = 1.0
     # Where the levels lie (GRIDS). "symmetric" is for weights: zero point 0,
-    # the narrow signed range +-(2^(b-1)-1), so it needs bits >= 2.
-    grid: str = "free"
+    # the narrow signed range +-(2^(b-1)-1), so it needs bits >= 2. The default
+    # is "affine": an exported model then computes exactly what was trained, at
+    # no accuracy cost measured (RESULTS.md, "Grids"); dicts written before this
+    # field existed read as "free" (_LEGACY), the grid they were trained on.
+    grid: str = "affine"
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -136,9 +139,7 @@ class QuantConfig:
         text += f", {self.bounds} bounds"
         if self.percentile is not None:
             text += f" from the p{self.percentile:g} range"
-        if self.grid != "free":
-            text += f", {self.grid} grid"
-        return text
+        return text + f", {self.grid} grid"
 
 
 def layer_configs(
@@ -297,8 +298,8 @@ class ModelQuantConfig:
         common = {"method": d["method"], "bounds": d.get("bounds") or "learned"}
         if d.get("alpha_init") is not None:
             common["alpha_init"] = d["alpha_init"]
-        if d.get("grid") is not None:
-            common["grid"] = d["grid"]
+        # Format 1 predates the grid option: those runs trained on the free grid.
+        common["grid"] = d.get("grid") or "free"
         weight, act = layer_configs(
             w_bits=d.get("w_bits"),
             a_bits=d.get("a_bits"),
@@ -324,8 +325,7 @@ class ModelQuantConfig:
         if a is not None and a.percentile is not None:
             text += f", activation bounds from p{a.percentile:g}"
         grids = [c.grid for c in (w, a) if c is not None]
-        if set(grids) != {"free"}:
-            text += f", {grids[0]} grid" if len(set(grids)) == 1 else f", {w.grid}/{a.grid} grids"
+        text += f", {grids[0]} grid" if len(set(grids)) == 1 else f", {w.grid}/{a.grid} grids"
         if not (self.skip_first and self.skip_last):
             text += ", first/last layers quantized"
         return text

@@ -228,8 +228,8 @@ def _export_grid(name: str, spec: QuantizerSpec, kind: str, approximate: bool, o
             f"{name}: the {kind} quantizer uses grid='free', whose levels l + k*Delta need a "
             "zero point -l/Delta that is in general not an integer, and ONNX (like every integer "
             "runtime) stores only integer zero points, so the file cannot compute what the model "
-            "computes. Retrain (or fine-tune) with a deployable grid: train.py --grid symmetric or "
-            "--grid affine (quantize_model(..., grid=...)), or export an approximation with "
+            "computes. Retrain (or fine-tune) on a deployable grid: train.py with the default --grid "
+            "affine, or --grid symmetric (quantize_model(..., grid=...)), or export an approximation with "
             "approximate=True (--approximate), which snaps each zero point to the nearest "
             "integer and reports how much the exported model then differs"
         )

@@ -13,10 +13,11 @@ learning rate that suits the weights (the ImageNet example's 0.1) also suits
 the quantizer parameters. The values are unchanged; `grad_scale=False` turns
 this off.
 
-Grid. `grid="free"` puts the levels at lower + k*Delta (the paper's). "affine"
-and "symmetric" put 0.0 on a level with an integer zero point, so that integer
-runtimes (ONNX QuantizeLinear/DequantizeLinear) hold the trained grid exactly
-(docs/DSQ_MATH.md). A layer's `grid` applies to its weight; its activation
+Grid. "affine" (the default) and "symmetric" put 0.0 on a level with an integer
+zero point, so that integer runtimes (ONNX QuantizeLinear/DequantizeLinear) hold
+the trained grid exactly; "free" puts the levels at lower + k*Delta for any real
+lower, as the paper does (docs/DSQ_MATH.md). Through the keyword front door a
+layer's `grid` applies to its weight; its activation
 quantizer uses "affine" where the layer says "symmetric" (a symmetric grid would
 spend half its levels on negative values that post-ReLU activations never take).
 """
@@ -122,8 +123,7 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         per = f"per_channel({self.channels})" if self.channels is not None else "per_tensor"
         pct = f", percentile={self.percentile:g}" if self.percentile is not None else ""
-        grid = f", grid={self.grid}" if self.grid != "free" else ""
-        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}{grid}"
+        return f"{self.method}, bits={self.bits}, {per}, bounds={self.bounds}{pct}, grid={self.grid}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -17,15 +17,17 @@
 
 cd "$(dirname "$0")/.."
 source experiments/runs_lib.sh
+# These runs predate the grid option, when the free grid was the only one: each names
+# --grid free, so that it reproduces under today's default (affine).
 
 W2A2=(--quan_bit 2 --quantize_input)
 
-add uniform_w2a2_s2     "-q uniform ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
-add dsq_w2a2_s2         "-q DSQ ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
-add dsq_w2a2_a05_s0     "-q DSQ ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 0"
-add dsq_w2a2_a05_s1     "-q DSQ ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 1"
-add dsq_w2a2_a05_s2     "-q DSQ ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 2"
-add uniform_w2a2_ep2_s0 "-q uniform ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
-add dsq_w2a2_ep2_s0     "-q DSQ ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
+add uniform_w2a2_s2     "-q uniform --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
+add dsq_w2a2_s2         "-q DSQ --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed 2"
+add dsq_w2a2_a05_s0     "-q DSQ --grid free ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 0"
+add dsq_w2a2_a05_s1     "-q DSQ --grid free ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 1"
+add dsq_w2a2_a05_s2     "-q DSQ --grid free ${W2A2[*]} --alpha-init 0.5 --epochs 1 ${FT[*]} --seed 2"
+add uniform_w2a2_ep2_s0 "-q uniform --grid free ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
+add dsq_w2a2_ep2_s0     "-q DSQ --grid free ${W2A2[*]} --epochs 2 ${FT[*]} --seed 0"
 
 runs_main "$@"

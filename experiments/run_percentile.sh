@@ -18,34 +18,36 @@
 
 cd "$(dirname "$0")/.."
 source experiments/runs_lib.sh
+# These runs predate the grid option, when the free grid was the only one: each names
+# --grid free, so that it reproduces under today's default (affine).
 
 W2A2=(--quan_bit 2 --quantize_input --act-percentile 99)
 W4A4=(--quan_bit 4 --quantize_input --act-percentile 99.9)
 
 for s in 0 1 2; do
-    add uniform_w2a2_p99_s$s "-q uniform ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
-    add dsq_w2a2_p99_s$s     "-q DSQ ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
+    add uniform_w2a2_p99_s$s "-q uniform --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
+    add dsq_w2a2_p99_s$s     "-q DSQ --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
 done
-add uniform_w4a4_p999_s0 "-q uniform ${W4A4[*]} --epochs 1 ${FT[*]} --seed 0"
-add dsq_w4a4_p999_s0     "-q DSQ ${W4A4[*]} --epochs 1 ${FT[*]} --seed 0"
+add uniform_w4a4_p999_s0 "-q uniform --grid free ${W4A4[*]} --epochs 1 ${FT[*]} --seed 0"
+add dsq_w4a4_p999_s0     "-q DSQ --grid free ${W4A4[*]} --epochs 1 ${FT[*]} --seed 0"
 for s in 3 4; do
-    add uniform_w2a2_p99_s$s "-q uniform ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
-    add dsq_w2a2_p99_s$s     "-q DSQ ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
+    add uniform_w2a2_p99_s$s "-q uniform --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
+    add dsq_w2a2_p99_s$s     "-q DSQ --grid free ${W2A2[*]} --epochs 1 ${FT[*]} --seed $s"
 done
 for s in 0 1; do
-    add uniform_w2a2_p99_ep3_s$s "-q uniform ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
-    add dsq_w2a2_p99_ep3_s$s     "-q DSQ ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
+    add uniform_w2a2_p99_ep3_s$s "-q uniform --grid free ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
+    add dsq_w2a2_p99_ep3_s$s     "-q DSQ --grid free ${W2A2[*]} --epochs 3 ${FT[*]} --seed $s"
 done
 
 # Added after the runs above: more seeds for the 4-bit comparison with float, and a third
 # seed of the three-epoch pair.
 FINETUNE_FLOAT=(--epochs 1 ${FT[*]})
 for s in 1 2; do
-    add uniform_w4a4_p999_s$s "-q uniform ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
-    add dsq_w4a4_p999_s$s     "-q DSQ ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
+    add uniform_w4a4_p999_s$s "-q uniform --grid free ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
+    add dsq_w4a4_p999_s$s     "-q DSQ --grid free ${W4A4[*]} --epochs 1 ${FT[*]} --seed $s"
     add float_ft1_s$s         "${FINETUNE_FLOAT[*]} --seed $s"
 done
-add uniform_w2a2_p99_ep3_s2 "-q uniform ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
-add dsq_w2a2_p99_ep3_s2     "-q DSQ ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
+add uniform_w2a2_p99_ep3_s2 "-q uniform --grid free ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
+add dsq_w2a2_p99_ep3_s2     "-q DSQ --grid free ${W2A2[*]} --epochs 3 ${FT[*]} --seed 2"
 
 runs_main "$@"

@@ -15,19 +15,21 @@
 
 cd "$(dirname "$0")/.."
 source experiments/runs_lib.sh
+# These runs predate the grid option, when the free grid was the only one: each names
+# --grid free, so that it reproduces under today's default (affine).
 
 # Fine-tuning: one epoch of runs_lib.sh's FT, the same for both methods; float_s0 first.
 FINETUNE=(--epochs 1 "${FT[@]}")
 
 add float_s0        "--epochs 2 --lr 0.1 --seed 0 -p 100"
-add uniform_w2a2_s0 "-q uniform --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 0"
-add dsq_w2a2_s0     "-q DSQ --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 0"
-add uniform_w4a4_s0 "-q uniform --quan_bit 4 --quantize_input ${FINETUNE[*]} --seed 0"
-add dsq_w4a4_s0     "-q DSQ --quan_bit 4 --quantize_input ${FINETUNE[*]} --seed 0"
-add uniform_w2a2_s1 "-q uniform --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 1"
-add dsq_w2a2_s1     "-q DSQ --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 1"
-add uniform_w3a3_s0 "-q uniform --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 0"
-add dsq_w3a3_s0     "-q DSQ --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 0"
+add uniform_w2a2_s0 "-q uniform --grid free --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 0"
+add dsq_w2a2_s0     "-q DSQ --grid free --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 0"
+add uniform_w4a4_s0 "-q uniform --grid free --quan_bit 4 --quantize_input ${FINETUNE[*]} --seed 0"
+add dsq_w4a4_s0     "-q DSQ --grid free --quan_bit 4 --quantize_input ${FINETUNE[*]} --seed 0"
+add uniform_w2a2_s1 "-q uniform --grid free --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 1"
+add dsq_w2a2_s1     "-q DSQ --grid free --quan_bit 2 --quantize_input ${FINETUNE[*]} --seed 1"
+add uniform_w3a3_s0 "-q uniform --grid free --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 0"
+add dsq_w3a3_s0     "-q DSQ --grid free --quan_bit 3 --quantize_input ${FINETUNE[*]} --seed 0"
 # Control: the float model given the same extra fine-tuning epoch, unquantized, so that
 # the quantized rows are compared with a float model of the same total training.
 add float_ft1_s0    "${FINETUNE[*]} --seed 0"

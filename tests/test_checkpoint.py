@@ -169,7 +169,7 @@ def test_format_1_checkpoint_reads_in_report(tmp_path, capsys):
     _format_1_checkpoint(path, None)
     assert report.main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "arch resnet18, DSQ W4A4, bounds learned, epoch 1" in out
+    assert "arch resnet18, DSQ W4A4, bounds learned, free grid, epoch 1" in out
     assert "| layer1.0.conv1 | 4 | 0.2 |" in out
 
 
@@ -178,6 +178,11 @@ def test_format_1_checkpoint_evaluates_and_resumes(tmp_path, data):
     path = tmp_path / "old.pth.tar"
     model = _format_1_checkpoint(path, data)
     flags = ["-a", "resnet18", "-q", "DSQ", "--quan_bit", "4", "--quantize_input", *SMALL]
+    # Without --grid free the run asks for today's default grid: a different configuration.
+    rc, err = run_train(*flags, "--log_path", tmp_path / "eval", "-e", "--resume", path, data, check=False)
+    assert rc == 2 and "differs in weight.grid, act.grid" in err and "--grid free" in err, err
+    assert not (tmp_path / "eval").exists()
+    flags += ["--grid", "free"]
     _, out = run_train(*flags, "--log_path", tmp_path / "eval", "-e", "--resume", path, data)
     assert len(_summary_acc1(out)) == 1
     # Resuming continues the old run at its next epoch, and records the config in today's format.

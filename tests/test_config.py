@@ -128,7 +128,9 @@ def test_model_config_applies_and_round_trips():
     assert "conv1" in layers and "fc" not in layers
     assert layers["conv1"].weight_config == w and layers["conv1"].act_config == a
     assert ModelQuantConfig().is_float and ModelQuantConfig.from_dict(None).is_float
-    assert cfg.describe() == "DSQ W4A2, bounds learned, per-channel weights, first/last layers quantized"
+    assert cfg.describe() == (
+        "DSQ W4A2, bounds learned, per-channel weights, affine grid, first/last layers quantized"
+    )
 
 
 # train.py's checkpoints before the config object: a flat dict (format 1).
@@ -146,8 +148,10 @@ FORMAT_1 = {
 
 def test_format_1_dicts_keep_their_meaning():
     cfg = ModelQuantConfig.from_dict(FORMAT_1)
-    assert cfg.weight == QuantConfig(bits=4, per_channel=True, bounds="ema", alpha_init=0.3)
-    assert cfg.act == QuantConfig(bits=2, bounds="ema", alpha_init=0.3, percentile=99.0)
+    # written before the grid option: trained on the free grid, whatever today's default
+    assert QuantConfig().grid != "free"
+    assert cfg.weight == QuantConfig(bits=4, per_channel=True, bounds="ema", alpha_init=0.3, grid="free")
+    assert cfg.act == QuantConfig(bits=2, bounds="ema", alpha_init=0.3, percentile=99.0, grid="free")
     assert (cfg.skip_first, cfg.skip_last) == (True, True)
     assert ModelQuantConfig.from_dict({"method": None}).is_float
     weights_only = ModelQuantConfig.from_dict({**FORMAT_1, "a_bits": None, "act_percentile": None})

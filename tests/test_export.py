@@ -52,13 +52,11 @@ class Net(nn.Module):
         return self.fc2(x)
 
 
-def make_model(bits, per_channel, method, grid=None, seed=0, bias0=False, **kw):
+def make_model(bits, per_channel, method, grid="free", seed=0, bias0=False, **kw):
     torch.manual_seed(seed)
     m = Net(bias0)
-    if grid is not None:
-        kw["grid"] = grid
     dsq_ext.quantize_model(m, method=method, w_bits=bits, a_bits=bits, per_channel=per_channel,
-                           skip_first=False, **kw)  # fmt: skip
+                           skip_first=False, grid=grid, **kw)  # fmt: skip
     m.train()
     m(torch.randn(16, 3, 10, 10))  # sets the bounds from this batch
     return m.eval()
@@ -220,7 +218,7 @@ def test_qlinearconv_rounds_the_bias(tmp_path, bits):
 def test_free_grid_is_refused_with_the_way_out(tmp_path):
     model = make_model(4, False, "dsq", grid="free")
     with pytest.raises(
-        E.ExportError, match=r"grid='free'.*--grid symmetric or --grid affine.*approximate=True"
+        E.ExportError, match=r"grid='free'.*the default --grid affine, or --grid symmetric.*approximate=True"
     ) as e:
         dsq_ext.export_onnx(model, inputs(2), tmp_path / "m.onnx")
     assert "conv0" in str(e.value) and "integer" in str(e.value)
@@ -351,7 +349,7 @@ def test_layers_that_share_their_input(tmp_path):
             return self.fc((self.a(x) + self.b(x)).mean((2, 3)))
 
     model = Fork()
-    dsq_ext.quantize_model(model, w_bits=4, a_bits=4)
+    dsq_ext.quantize_model(model, w_bits=4, a_bits=4, grid="free")
     model.train()
     model(inputs(4))
     snap_bounds(model.eval())
@@ -373,7 +371,7 @@ def test_weights_or_activations_only(tmp_path):
     for w_bits, a_bits in ((4, None), (None, 8)):
         torch.manual_seed(0)
         model = Net()
-        dsq_ext.quantize_model(model, w_bits=w_bits, a_bits=a_bits, skip_first=False)
+        dsq_ext.quantize_model(model, w_bits=w_bits, a_bits=a_bits, skip_first=False, grid="free")
         model.train()
         model(inputs(4))
         snap_bounds(model.eval())
@@ -414,7 +412,7 @@ def test_layer_types_we_cannot_export(tmp_path):
 
 def test_quantizers_without_a_grid(tmp_path):
     model = Net()
-    dsq_ext.quantize_model(model, w_bits=4, a_bits=4)
+    dsq_ext.quantize_model(model, w_bits=4, a_bits=4, grid="free")
     with pytest.raises(E.ExportError, match="conv1: the activation quantizer has no bounds yet"):
         dsq_ext.export_onnx(model.eval(), inputs(2), tmp_path / "m.onnx", approximate=True)
 
@@ -517,7 +515,7 @@ def test_cli_on_a_train_py_checkpoint(checkpoint, tmp_path, capsys):
     assert E.main([str(free), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "error: layer1.0.conv1: the weight quantizer uses grid='free'" in err, err
-    assert "train.py --grid symmetric" in err and not out.exists()
+    assert "train.py with the default --grid affine" in err and not out.exists()
     with pytest.warns(UserWarning, match="nearest integer zero point"):
         assert E.main([str(free), "-o", str(out), "--approximate"]) == 0
     assert "=> APPROXIMATE" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from reference import composite
+from reference import composite, grid_composite
 from torch import nn
 
 import dsq_ext
@@ -258,10 +258,11 @@ def test_resnet18_saves_what_the_float_model_saves():
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_matches_a_float64_reference(method, kind):
+@pytest.mark.parametrize("grid", ["free", "affine", "symmetric"])
+def test_matches_a_float64_reference(method, kind, grid):
     # The layer in float64 against the reference quantizer and the float product, by autograd.
     torch.manual_seed(0)
-    kw = dict(method=method, per_channel=True, grad_scale=False, dtype=torch.float64)
+    kw = dict(method=method, per_channel=True, grad_scale=False, dtype=torch.float64, grid=grid)
     if kind == "conv":
         layer = DSQConv2d(4, 6, 3, padding=1, groups=2, **kw)
         x = torch.rand(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -279,10 +280,13 @@ def test_matches_a_float64_reference(method, kind):
     params = [p for p in params if p is not None]
     got = torch.autograd.grad(y, params, g)
     aq, wq = layer.act_quantizer, layer.weight_quantizer
-    ref_y = product(
-        composite(x, aq.lower, aq.upper, aq.alpha, 4, method),
-        composite(layer.weight, wq.lower, wq.upper, wq.alpha, 4, method),
-    )
+
+    def ref(t, q):
+        if q.grid == "free":
+            return composite(t, q.lower, q.upper, q.alpha, 4, method)
+        return grid_composite(t, q.lower, q.upper, q.alpha, 4, method, q.grid)
+
+    ref_y = product(ref(x, aq), ref(layer.weight, wq))
     want = torch.autograd.grad(ref_y, params, g, allow_unused=True)
     torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, want):

@@ -27,11 +27,11 @@ def test_conv_equals_conv2d_of_quantized_weight_and_input(device, method, per_ch
     y = layer(x)
     wq, aq = layer.weight_quantizer, layer.act_quantizer
     if method == "dsq":
-        w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 4)
-        xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 4)
+        w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 4, grid=wq.grid)
+        xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 4, grid=aq.grid)
     else:
-        w = uniform_quantize(layer.weight, wq.lower, wq.upper, 4)
-        xin = uniform_quantize(x, aq.lower, aq.upper, 4)
+        w = uniform_quantize(layer.weight, wq.lower, wq.upper, 4, grid=wq.grid)
+        xin = uniform_quantize(x, aq.lower, aq.upper, 4, grid=aq.grid)
     torch.testing.assert_close(y, F.conv2d(xin, w, layer.bias, padding=1), atol=0, rtol=0)
     # the weight really is on a 4-bit grid per (channel) range
     levels = torch.unique(w[0] if per_channel else w)
@@ -44,8 +44,8 @@ def test_linear_equals_linear_of_quantized(device, recompute):
     x = torch.randn(7, 12, device=device)
     y = layer(x)
     wq, aq = layer.weight_quantizer, layer.act_quantizer
-    w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 3)
-    xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 2)
+    w = dsq_quantize(layer.weight, wq.lower, wq.upper, wq.alpha, 3, grid=wq.grid)
+    xin = dsq_quantize(x, aq.lower, aq.upper, aq.alpha, 2, grid=aq.grid)
     torch.testing.assert_close(y, F.linear(xin, w, layer.bias), atol=0, rtol=0)
     assert len(torch.unique(xin)) <= 4
 
@@ -308,7 +308,8 @@ def test_crossed_learned_bounds_swap_roles():
         wq.lower[0], wq.upper[0] = wq.upper[0].item(), wq.lower[0].item()
     w = layer.quantized_weight()
     lo, hi = torch.minimum(wq.lower, wq.upper), torch.maximum(wq.lower, wq.upper)
-    torch.testing.assert_close(w, dsq_quantize(layer.weight, lo, hi, wq.alpha, 4), atol=0, rtol=0)
+    want = dsq_quantize(layer.weight, lo, hi, wq.alpha, 4, grid=wq.grid)
+    torch.testing.assert_close(w, want, atol=0, rtol=0)
     w.sum().backward()
     assert wq.lower.grad[0] != 0 and wq.upper.grad[0] != 0 and (layer.weight.grad[0] != 0).any()
 

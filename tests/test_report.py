@@ -15,7 +15,7 @@ def test_report_table_and_plot(dsq_run, tmp_path, capsys):
     best, png = str(log / "model_best.pth.tar"), tmp_path / "alpha.png"
     assert report.main([best, "--plot", str(png), "--layer", "layer2.0.downsample.0"]) == 0
     out = capsys.readouterr().out
-    assert "arch resnet18, DSQ W4A4, bounds learned, epoch 1" in out
+    assert "arch resnet18, DSQ W4A4, bounds learned, affine grid, epoch 1" in out
     rows = [line for line in out.splitlines() if re.match(r"\| layer\d", line)]
     assert len(rows) == 19 and rows[0].startswith("| layer1.0.conv1 | 4 | 0.")
     assert "staircases of layer2.0.downsample.0" in out
