@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "dsq_kernels.h"
 #include "dsq_math.h"
+#include "entry_points.h"
 
 namespace dsq_ext {
 namespace {
@@ -188,7 +189,8 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
 at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lower,
                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
                        const Options& opt) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
     const Plan plan = make_plan(lay.x, per_channel);
@@ -224,7 +226,8 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
                                      const at::Tensor& lower, const at::Tensor& upper,
                                      const at::Tensor* alpha, int64_t bits, int mode,
                                      const Options& opt) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const Layout lay = make_layout(x, per_channel);
     const Plan plan = make_plan(lay.x, per_channel);
     std::vector<double> partial(3 * plan.tasks(), 0.0);
@@ -271,7 +274,7 @@ at::Tensor fast_tanh_cpu(const at::Tensor& x) {
 
 }  // namespace
 
-// grad_scale, sort_bounds and grid: see Options in checks.h. The forward ops take
+// grad_scale, sort_bounds and grid: see Options in entry_points.h. The forward ops take
 // grad_scale too, although their value does not depend on it, so that their
 // autograd formula (dsq_ext/ops.py) can pass it on to the backward op.
 TORCH_LIBRARY(dsq_ext, m) {
@@ -299,7 +302,7 @@ TORCH_LIBRARY(dsq_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(dsq_ext, CPU, m) {
-    Kernels<forward_cpu, backward_cpu, grid_params_cpu>::register_all(m);
+    EntryPoints<forward_cpu, backward_cpu, grid_params_cpu>::register_all(m);
     m.impl("_fast_tanh", &fast_tanh_cpu);
 }
 

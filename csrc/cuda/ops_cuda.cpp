@@ -21,6 +21,7 @@
 
 #include "../checks.h"
 #include "../dsq_math.h"
+#include "../entry_points.h"
 #include "dsq_cuda.h"
 
 namespace dsq_ext {
@@ -75,7 +76,8 @@ struct Grad {
 at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& lower,
                         const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
                         const Options& opt) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
@@ -94,7 +96,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
                                       const at::Tensor& lower, const at::Tensor& upper,
                                       const at::Tensor* alpha, int64_t bits, int mode,
                                       const Options& opt) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) {
@@ -144,7 +147,7 @@ void grid_params_cuda(const at::Tensor& lower, const at::Tensor& upper, int bits
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsq_ext, CUDA, m) {
-    Kernels<forward_cuda, backward_cuda, grid_params_cuda>::register_all(m);
+    EntryPoints<forward_cuda, backward_cuda, grid_params_cuda>::register_all(m);
 }
 
 }  // namespace dsq_ext
