@@ -59,6 +59,24 @@ inline Layout make_layout(const at::Tensor& x, bool per_channel) {
     return {xd, out};
 }
 
+// How the kernels see x in that layout: `channels` runs of `inner` contiguous
+// elements, each run with one set of quantizer parameters. Each backend cuts the
+// runs into chunks of its own (ops.cpp's Plan, dsq_cuda.cu's chunks).
+struct Runs {
+    int64_t channels;  // 1 when every parameter is per tensor
+    int64_t inner;     // elements per channel
+};
+
+inline Runs make_runs(const at::Tensor& x, bool per_channel) {
+    const int64_t channels = per_channel ? x.size(0) : 1;
+    return {channels, channels > 0 ? x.numel() / channels : 0};
+}
+
+// The type the kernels compute in: the 16-bit types are computed in float.
+inline at::ScalarType compute_type(at::ScalarType t) {
+    return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // grad in the same strides as the dense x the kernels read.
 inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x) {
     if (grad.strides() == dense_x.strides() && grad.scalar_type() == dense_x.scalar_type())
@@ -126,7 +144,7 @@ struct EntryPoints {
         const char* op = "grid_params";
         const int g = parse_grid(op, grid);
         const std::vector<int64_t> sizes = check_grid_params(op, lower, upper, bits, g);
-        const at::ScalarType ct = lower.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+        const at::ScalarType ct = compute_type(lower.scalar_type());
         at::Tensor scale = at::empty(sizes, lower.options().dtype(ct));
         at::Tensor zero_point = at::empty(sizes, lower.options().dtype(ct));
         if (scale.numel() > 0)

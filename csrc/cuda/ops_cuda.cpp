@@ -37,23 +37,6 @@ int cuda_dtype(at::ScalarType t) {
     }
 }
 
-// The 16-bit types are computed in float, as on the CPU.
-at::ScalarType compute_type(at::ScalarType t) {
-    return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// How the kernels see x: `channels` runs of `inner` elements (ops.cpp's Plan,
-// less the block split, which dsq_cuda.cu owns).
-struct Shape {
-    int64_t channels;  // 1 when every parameter is per tensor
-    int64_t inner;
-};
-
-Shape make_shape(const at::Tensor& x, bool per_channel) {
-    const int64_t channels = per_channel ? x.size(0) : 1;
-    return {channels, channels > 0 ? x.numel() / channels : 0};
-}
-
 // A parameter in the compute type, kept alive until the kernels are enqueued
 // (the caching allocator orders its reuse after them on the stream).
 struct Param {
@@ -81,12 +64,12 @@ at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& l
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
-    const Shape s = make_shape(lay.x, per_channel);
+    const Runs runs = make_runs(lay.x, per_channel);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
     dsq_cuda_forward(cuda_dtype(x.scalar_type()), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                     s.channels, s.inner, lo.arg, up.arg, int(bits), opt.sort_bounds, opt.grid,
-                     c10::cuda::getCurrentCUDAStream());
+                     runs.channels, runs.inner, lo.arg, up.arg, int(bits), opt.sort_bounds,
+                     opt.grid, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return lay.out;
 }
@@ -107,7 +90,7 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
         return r;
     }
     const at::Tensor g = match_layout(grad, lay.x);
-    const Shape s = make_shape(lay.x, per_channel);
+    const Runs runs = make_runs(lay.x, per_channel);
     const int dtype = cuda_dtype(x.scalar_type());
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
@@ -118,10 +101,10 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
         al.emplace(*alpha, ct);
         ga.emplace(*alpha);
     }
-    const at::Tensor partials = at::empty({3 * dsq_cuda_chunks(dtype, s.channels, s.inner)},
+    const at::Tensor partials = at::empty({3 * dsq_cuda_chunks(dtype, runs.channels, runs.inner)},
                                           x.options().dtype(at::kDouble));
     dsq_cuda_backward(dtype, mode, g.const_data_ptr(), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                      s.channels, s.inner, lo.arg, up.arg,
+                      runs.channels, runs.inner, lo.arg, up.arg,
                       al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits), opt.sort_bounds,
                       opt.grid, opt.grad_scale, partials.data_ptr<double>(), gl.arg, gu.arg,
                       ga ? ga->arg : dsq_cuda_grad{nullptr, DSQ_CUDA_F32, 0},
