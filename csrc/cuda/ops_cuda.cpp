@@ -48,10 +48,10 @@ struct Param {
 };
 
 // A reduced gradient in the parameter's own shape and dtype.
-struct Grad {
+struct ReducedGrad {
     at::Tensor t;
     dsq_cuda_grad arg;
-    explicit Grad(const at::Tensor& param)
+    explicit ReducedGrad(const at::Tensor& param)
         : t(at::empty(param.sizes(), param.options())),
           arg{t.data_ptr(), cuda_dtype(param.scalar_type()), param.numel() == 1 ? 0 : 1} {}
 };
@@ -94,9 +94,9 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
     const int dtype = cuda_dtype(x.scalar_type());
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
-    const Grad gl(lower), gu(upper);
+    const ReducedGrad gl(lower), gu(upper);
     std::optional<Param> al;
-    std::optional<Grad> ga;
+    std::optional<ReducedGrad> ga;
     if (alpha) {
         al.emplace(*alpha, ct);
         ga.emplace(*alpha);
