@@ -17,6 +17,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../dsq_math.h"
 #include "dsq_cuda.h"
 
@@ -68,6 +70,32 @@ struct Storage<__nv_bfloat16> {
         return __float2bfloat16_rn(v);
     }
 };
+
+// A type, or an int, as a value: what dispatch_dtype and dispatch_grid pass to the
+// generic lambdas of their callers, which take it back with decltype.
+template <typename S>
+struct Type {
+    typedef S type;
+};
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// The one place a dsq_cuda_dtype becomes its storage type S: returns f(Type<S>()), or
+// a default value for a number that is no dsq_cuda_dtype (ops_cuda.cpp passes none).
+// Host and device code both call it. The pragma stops nvcc from warning that the
+// host callers' lambdas are host functions: each instance runs on its caller's side.
+#pragma nv_exec_check_disable
+template <typename F>
+__host__ __device__ __forceinline__ auto dispatch_dtype(int dtype, const F& f)
+    -> decltype(f(Type<float>())) {
+    switch (dtype) {
+        case DSQ_CUDA_F32: return f(Type<float>());
+        case DSQ_CUDA_F64: return f(Type<double>());
+        case DSQ_CUDA_F16: return f(Type<__half>());
+        case DSQ_CUDA_BF16: return f(Type<__nv_bfloat16>());
+    }
+    return decltype(f(Type<float>()))();
+}
 
 // Which element functions of dsq_math.h a chunk runs (its path): the free grid, the
 // affine and symmetric grids (k.pinned), or either on x times k.xscale (halved bounds,
@@ -422,14 +450,10 @@ struct ReducedGrads {
 
 __device__ __forceinline__ void store_grad(const dsq_cuda_grad& g, int64_t i, double v) {
     // Through float for the 16-bit types, as the CPU path's double -> Half/BFloat16 copy does.
-    switch (g.dtype) {
-        case DSQ_CUDA_F32: static_cast<float*>(g.p)[i] = float(v); break;
-        case DSQ_CUDA_F64: static_cast<double*>(g.p)[i] = v; break;
-        case DSQ_CUDA_F16: static_cast<__half*>(g.p)[i] = __float2half_rn(float(v)); break;
-        case DSQ_CUDA_BF16:
-            static_cast<__nv_bfloat16*>(g.p)[i] = __float2bfloat16_rn(float(v));
-            break;
-    }
+    dispatch_dtype(g.dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        static_cast<S*>(g.p)[i] = Storage<S>::store(typename Storage<S>::T(v));
+    });
 }
 
 // Output block b < pc_blocks sums channel b's chunk partials into the
@@ -501,6 +525,15 @@ Quantizer<T> make_quantizer(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a
 // are the only ones it runs, and for the affine and symmetric grids, which share theirs.
 constexpr int kPinnedGrids = DSQ_GRID_AFFINE;
 
+// Calls f(Int<G>()) with G the grid whose kernels serve `grid`.
+template <typename F>
+void dispatch_grid(int grid, const F& f) {
+    if (grid == DSQ_GRID_FREE)
+        f(Int<DSQ_GRID_FREE>());
+    else
+        f(Int<kPinnedGrids>());
+}
+
 template <typename S, int G>
 void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
              dsq_cuda_param upper, int bits, int sort_bounds, int grid, cudaStream_t stream) {
@@ -515,17 +548,6 @@ void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_p
         static_cast<const S*>(x), static_cast<S*>(y), inner, channel_chunks, chunks,
         make_quantizer<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort_bounds, grid), bits,
         aligned<S>(channels, inner, x, y, y));
-}
-
-template <typename S>
-void forward_grid(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
-                  dsq_cuda_param upper, int bits, int sort_bounds, int grid, cudaStream_t stream) {
-    if (grid == DSQ_GRID_FREE)
-        forward<S, DSQ_GRID_FREE>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                  stream);
-    else
-        forward<S, kPinnedGrids>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                 stream);
 }
 
 template <typename S, int MODE, int G>
@@ -559,45 +581,6 @@ void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t 
                                                           pc_blocks, out_blocks, scale, grads);
 }
 
-template <typename S, int MODE>
-void backward_grid(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
-                   dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
-                   int sort_bounds, int grid, double scale, double* partials,
-                   const ReducedGrads& grads, cudaStream_t stream) {
-    if (grid == DSQ_GRID_FREE)
-        backward<S, MODE, DSQ_GRID_FREE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                         sort_bounds, grid, scale, partials, grads, stream);
-    else
-        backward<S, MODE, kPinnedGrids>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort_bounds, grid, scale, partials, grads, stream);
-}
-
-template <int MODE>
-void backward_mode(int dtype, const void* g, const void* x, void* dx, int64_t channels,
-                   int64_t inner, dsq_cuda_param lower, dsq_cuda_param upper,
-                   dsq_cuda_param alpha, int bits, int sort_bounds, int grid, double scale,
-                   double* partials, const ReducedGrads& grads, cudaStream_t stream) {
-    switch (dtype) {
-        case DSQ_CUDA_F32:
-            backward_grid<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                       sort_bounds, grid, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_F64:
-            backward_grid<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort_bounds, grid, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_F16:
-            backward_grid<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort_bounds, grid, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_BF16:
-            backward_grid<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha,
-                                               bits, sort_bounds, grid, scale, partials, grads,
-                                               stream);
-            break;
-    }
-}
-
 template <typename T>
 void grid_params(const void* lower, int64_t ls, const void* upper, int64_t us, int64_t n,
                  int bits, int grid, int sort_bounds, void* scale, void* zero_point,
@@ -614,36 +597,21 @@ void grid_params(const void* lower, int64_t ls, const void* upper, int64_t us, i
 extern "C" {
 
 int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner) {
-    switch (dtype) {
-        case DSQ_CUDA_F32: return channels * chunks_per_channel<float>(inner);
-        case DSQ_CUDA_F64: return channels * chunks_per_channel<double>(inner);
-        case DSQ_CUDA_F16: return channels * chunks_per_channel<__half>(inner);
-        case DSQ_CUDA_BF16: return channels * chunks_per_channel<__nv_bfloat16>(inner);
-    }
-    return 0;
+    return dispatch_dtype(dtype, [&](auto type) -> int64_t {
+        return channels * chunks_per_channel<typename decltype(type)::type>(inner);
+    });
 }
 
 void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64_t inner,
                       dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
                       int grid, cudaStream_t stream) {
-    switch (dtype) {
-        case DSQ_CUDA_F32:
-            forward_grid<float>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                stream);
-            break;
-        case DSQ_CUDA_F64:
-            forward_grid<double>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                 stream);
-            break;
-        case DSQ_CUDA_F16:
-            forward_grid<__half>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                 stream);
-            break;
-        case DSQ_CUDA_BF16:
-            forward_grid<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, sort_bounds,
-                                        grid, stream);
-            break;
-    }
+    dispatch_dtype(dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        dispatch_grid(grid, [&](auto g) {
+            forward<S, decltype(g)::value>(x, y, channels, inner, lower, upper, bits,
+                                           sort_bounds, grid, stream);
+        });
+    });
 }
 
 void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* dx,
@@ -652,24 +620,30 @@ void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* 
                        int grid, double grad_scale, double* partials, dsq_cuda_grad grad_lower,
                        dsq_cuda_grad grad_upper, dsq_cuda_grad grad_alpha, cudaStream_t stream) {
     const ReducedGrads grads = {{grad_lower, grad_upper, grad_alpha}};
-    if (mode == DSQ_MODE_DSQ)
-        backward_mode<DSQ_MODE_DSQ>(dtype, g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                    sort_bounds, grid, grad_scale, partials, grads, stream);
-    else
-        backward_mode<DSQ_MODE_UNIFORM>(dtype, g, x, dx, channels, inner, lower, upper, alpha,
-                                        bits, sort_bounds, grid, grad_scale, partials, grads,
-                                        stream);
+    dispatch_dtype(dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        dispatch_grid(grid, [&](auto gk) {
+            constexpr int G = decltype(gk)::value;
+            if (mode == DSQ_MODE_DSQ)
+                backward<S, DSQ_MODE_DSQ, G>(g, x, dx, channels, inner, lower, upper, alpha,
+                                             bits, sort_bounds, grid, grad_scale, partials,
+                                             grads, stream);
+            else
+                backward<S, DSQ_MODE_UNIFORM, G>(g, x, dx, channels, inner, lower, upper, alpha,
+                                                 bits, sort_bounds, grid, grad_scale, partials,
+                                                 grads, stream);
+        });
+    });
 }
 
 void dsq_cuda_grid_params(int dtype, const void* lower, int64_t ls, const void* upper,
                           int64_t us, int64_t n, int bits, int grid, int sort_bounds, void* scale,
                           void* zero_point, cudaStream_t stream) {
-    if (dtype == DSQ_CUDA_F64)
-        grid_params<double>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
-                            stream);
-    else
-        grid_params<float>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
-                           stream);
+    // In dtype's compute type: double for DSQ_CUDA_F64, float for the others.
+    dispatch_dtype(dtype, [&](auto type) {
+        grid_params<typename Storage<typename decltype(type)::type>::T>(
+            lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point, stream);
+    });
 }
 
 }  // extern "C"

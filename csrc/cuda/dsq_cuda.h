@@ -63,7 +63,7 @@ void dsq_cuda_backward(int dtype, int mode, const void *g, const void *x, void *
                        dsq_cuda_grad grad_alpha, cudaStream_t stream);
 
 /* The scale and zero point of the grid the kernels use, for n channels (dsq_kernels.h's
- * dsq_grid_params_*): dtype DSQ_CUDA_F64 computes in double, any other in float; the
+ * dsq_grid_params_*): dtype DSQ_CUDA_F64 computes in double, the others in float; the
  * bounds and both outputs are device arrays of that type. */
 void dsq_cuda_grid_params(int dtype, const void *lower, int64_t ls, const void *upper,
                           int64_t us, int64_t n, int bits, int grid, int sort_bounds, void *scale,
