@@ -29,8 +29,9 @@ namespace {
 // they are added in, do not depend on the number of threads: the reduced
 // gradients are bit-identical run to run and across torch.set_num_threads.
 constexpr int64_t kChunk = int64_t(1) << 16;
-// float16 is widened to float32 this many elements at a time, on the stack.
-constexpr int64_t kWidenElems = 4 * DSQ_SUB_BLOCK;
+// float16 is widened to float32 this many elements at a time, on the stack: whole
+// spans (DSQ_SPAN), so that the kernels' partial sums are those of one call.
+constexpr int64_t kWidenElems = 4 * DSQ_SPAN;
 // Below this many elements per thread, threading costs more than it saves.
 constexpr int64_t kMinPerThread = int64_t(1) << 15;
 
