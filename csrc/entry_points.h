@@ -59,7 +59,14 @@ inline Layout make_layout(const at::Tensor& x, bool per_channel) {
     return {xd, out};
 }
 
-// How the kernels see x in that layout: `channels` runs of `inner` contiguous
+// grad in the same strides as the dense x the kernels read.
+inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x) {
+    if (grad.strides() == dense_x.strides() && grad.scalar_type() == dense_x.scalar_type())
+        return grad;
+    return at::empty_like(dense_x).copy_(grad);
+}
+
+// How the kernels see x in the layout above: `channels` runs of `inner` contiguous
 // elements, each run with one set of quantizer parameters. Each backend cuts the
 // runs into chunks of its own (ops.cpp's Plan, dsq_cuda.cu's chunks).
 struct Runs {
@@ -75,13 +82,6 @@ inline Runs make_runs(const at::Tensor& x, bool per_channel) {
 // The type the kernels compute in: the 16-bit types are computed in float.
 inline at::ScalarType compute_type(at::ScalarType t) {
     return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// grad in the same strides as the dense x the kernels read.
-inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x) {
-    if (grad.strides() == dense_x.strides() && grad.scalar_type() == dense_x.scalar_type())
-        return grad;
-    return at::empty_like(dense_x).copy_(grad);
 }
 
 // The ops' entry points in the schemas' argument order, over one backend's

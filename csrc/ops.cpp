@@ -107,18 +107,18 @@ void for_each_chunk(const Plan& plan, const Fn& fn) {
     });
 }
 
-// scalar_t is the storage type, T the compute type (float for the 16-bit types).
-// float16 is widened to float32 on the stack; bfloat16 has kernels of its own.
 // Channel c's bounds as the kernels use them; true when sort_bounds swapped them.
 template <typename T>
-bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort, T& l, T& u) {
+bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort_bounds, T& l, T& u) {
     l = lo[c];
     u = up[c];
-    if (!(sort && u < l)) return false;
+    if (!(sort_bounds && u < l)) return false;
     std::swap(l, u);
     return true;
 }
 
+// scalar_t is the storage type, T the compute type (float for the 16-bit types).
+// float16 is widened to float32 on the stack; bfloat16 has kernels of its own.
 template <typename scalar_t, typename T>
 void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
                   const at::Tensor& upper, int bits, const Options& opt) {
