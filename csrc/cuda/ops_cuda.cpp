@@ -1,7 +1,7 @@
 // CUDA implementations of the dsq_ext operators declared in ops.cpp.
 //
-// The same steps as the CPU entry points, with the same checks and output
-// layouts (checks.h): check, pick a dense layout, allocate, and enqueue the
+// The same steps as the CPU entry points, with the same checks (checks.h) and
+// output layouts (entry_points.h): check, pick a dense layout, allocate, enqueue the
 // kernels of dsq_cuda.cu on the current stream. Nothing is read back on the
 // host, so these ops never synchronise and are safe to capture in CUDA graphs.
 
