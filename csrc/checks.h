@@ -1,21 +1,16 @@
-// Argument checks and layout rules shared by the CPU (ops.cpp) and CUDA
-// (cuda/ops_cuda.cpp) entry points, so both reject the same inputs with the
-// same messages and return the same strides as the fake kernels in ops.py.
+// Argument checks shared by the CPU (ops.cpp) and CUDA (cuda/ops_cuda.cpp) entry
+// points, so that both reject the same inputs with the same messages (the fake
+// kernels in dsq_ext/ops.py repeat them for tracing).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
-
 #include <c10/util/string_view.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
-#include <algorithm>
-#include <tuple>
 #include <vector>
 
 #include "dsq_math.h"
@@ -76,23 +71,6 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
                 " but x is on ", x.device().str());
 }
 
-// What the layers ask of an op besides the math (see Quantizer.forward):
-//   grad_scale   multiplies the reduced gradients of lower, upper and alpha (not
-//                x's): LSQ's gradient scaling, applied to the sums in double;
-//   sort_bounds  a lower above its upper (learned bounds that crossed) is used
-//                as the upper and vice versa, each channel on its own, and their
-//                gradients follow them; ties and NaN are left as they are.
-// As separate torch ops (minimum, maximum, the scaling's mul/sub/add and their
-// backwards) these cost about 25 small kernels per quantizer and training step.
-//   grid         the levels: DSQ_GRID_FREE (l + k Delta), DSQ_GRID_AFFINE or
-//                DSQ_GRID_SYMMETRIC (integer zero point, as ONNX QDQ stores them;
-//                see dsq_math.h), from the schema's string.
-struct Options {
-    double grad_scale;
-    bool sort_bounds;
-    int grid;
-};
-
 inline int parse_grid(const char* op, c10::string_view grid) {
     if (grid == "free") return DSQ_GRID_FREE;
     if (grid == "affine") return DSQ_GRID_AFFINE;
@@ -117,12 +95,12 @@ inline void check_grad_scale(const char* op, double grad_scale) {
 // forward, alpha in the uniform mode. Returns whether any parameter is per channel.
 inline bool check_args(const char* op, const at::Tensor* grad, const at::Tensor& x,
                        const at::Tensor& lower, const at::Tensor& upper, const at::Tensor* alpha,
-                       int64_t bits, const Options& opt) {
+                       int64_t bits, int grid, double grad_scale) {
     check_input(op, "x", x);
     if (grad) check_grad(op, *grad, x);
     check_bits(op, bits);
-    check_grid_bits(op, opt.grid, bits);
-    check_grad_scale(op, opt.grad_scale);
+    check_grid_bits(op, grid, bits);
+    check_grad_scale(op, grad_scale);
     bool per_channel = check_param(op, "lower", lower, x);
     per_channel |= check_param(op, "upper", upper, x);
     if (alpha) per_channel |= check_param(op, "alpha", *alpha, x);
@@ -161,109 +139,5 @@ inline std::vector<int64_t> check_grid_params(const char* op, const at::Tensor& 
     }
     return out;
 }
-
-// The layout the kernels read and write. Per tensor, every element is
-// independent, so any dense layout (channels_last included) is used as it is
-// and the output takes x's strides (empty_like). Per channel, the kernels need
-// each channel's elements to be one run, so the contiguous layout is used.
-struct Layout {
-    at::Tensor x;    // x, or a dense copy of it
-    at::Tensor out;  // uninitialised, same shape, strides and dtype as `x` above
-};
-
-inline Layout make_layout(const at::Tensor& x, bool per_channel) {
-    if (per_channel) {
-        at::Tensor xc = x.contiguous();
-        return {xc, at::empty(xc.sizes(), xc.options())};
-    }
-    at::Tensor out = at::empty_like(x);
-    at::Tensor xd = x.strides() == out.strides() ? x : at::empty_like(x).copy_(x);
-    return {xd, out};
-}
-
-// grad in the same strides as the dense x the kernels read.
-inline at::Tensor match_layout(const at::Tensor& grad, const at::Tensor& dense_x) {
-    if (grad.strides() == dense_x.strides() && grad.scalar_type() == dense_x.scalar_type())
-        return grad;
-    return at::empty_like(dense_x).copy_(grad);
-}
-
-// The ops' kernels in the schemas' argument order, over one backend's
-//   forward(op, x, lower, upper, alpha or null, bits, options) and
-//   backward(op, grad, x, lower, upper, alpha or null, bits, mode, options),
-// where a null alpha is the uniform mode. Both backends register these, so the
-// schema-to-backend mapping is written once.
-using ForwardFn = at::Tensor (*)(const char*, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor*, int64_t, const Options&);
-using BackwardFn = std::vector<at::Tensor> (*)(const char*, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor*, int64_t, int, const Options&);
-// grid_params(lower, upper, bits, grid, sort_bounds, scale, zero_point): lower and upper
-// contiguous in the compute type; writes every element of the (contiguous) outputs.
-using GridParamsFn = void (*)(const at::Tensor&, const at::Tensor&, int, int, bool, at::Tensor&,
-                              at::Tensor&);
-
-template <ForwardFn Forward, BackwardFn Backward, GridParamsFn GridParams>
-struct Kernels {
-    static at::Tensor dsq_quantize(const at::Tensor& x, const at::Tensor& lower,
-                                   const at::Tensor& upper, const at::Tensor& alpha, int64_t bits,
-                                   double grad_scale, bool sort_bounds, c10::string_view grid) {
-        const char* op = "dsq_quantize";
-        return Forward(op, x, lower, upper, &alpha, bits,
-                       {grad_scale, sort_bounds, parse_grid(op, grid)});
-    }
-
-    static at::Tensor uniform_quantize(const at::Tensor& x, const at::Tensor& lower,
-                                       const at::Tensor& upper, int64_t bits, double grad_scale,
-                                       bool sort_bounds, c10::string_view grid) {
-        const char* op = "uniform_quantize";
-        return Forward(op, x, lower, upper, nullptr, bits,
-                       {grad_scale, sort_bounds, parse_grid(op, grid)});
-    }
-
-    static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dsq_quantize_backward(
-        const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-        const at::Tensor& upper, const at::Tensor& alpha, int64_t bits, double grad_scale,
-        bool sort_bounds, c10::string_view grid) {
-        const char* op = "dsq_quantize_backward";
-        auto r = Backward(op, grad, x, lower, upper, &alpha, bits, DSQ_MODE_DSQ,
-                          {grad_scale, sort_bounds, parse_grid(op, grid)});
-        return {r[0], r[1], r[2], r[3]};
-    }
-
-    static std::tuple<at::Tensor, at::Tensor, at::Tensor> uniform_quantize_backward(
-        const at::Tensor& grad, const at::Tensor& x, const at::Tensor& lower,
-        const at::Tensor& upper, int64_t bits, double grad_scale, bool sort_bounds,
-        c10::string_view grid) {
-        const char* op = "uniform_quantize_backward";
-        auto r = Backward(op, grad, x, lower, upper, nullptr, bits, DSQ_MODE_UNIFORM,
-                          {grad_scale, sort_bounds, parse_grid(op, grid)});
-        return {r[0], r[1], r[2]};
-    }
-
-    static std::tuple<at::Tensor, at::Tensor> grid_params(const at::Tensor& lower,
-                                                          const at::Tensor& upper, int64_t bits,
-                                                          c10::string_view grid,
-                                                          bool sort_bounds) {
-        const char* op = "grid_params";
-        const int g = parse_grid(op, grid);
-        const std::vector<int64_t> sizes = check_grid_params(op, lower, upper, bits, g);
-        const at::ScalarType ct = lower.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-        at::Tensor scale = at::empty(sizes, lower.options().dtype(ct));
-        at::Tensor zero_point = at::empty(sizes, lower.options().dtype(ct));
-        if (scale.numel() > 0)
-            GridParams(lower.to(ct).contiguous(), upper.to(ct).contiguous(), int(bits), g,
-                       sort_bounds, scale, zero_point);
-        return {scale, zero_point};
-    }
-
-    static void register_all(torch::Library& m) {
-        m.impl("dsq_quantize", &dsq_quantize);
-        m.impl("dsq_quantize_backward", &dsq_quantize_backward);
-        m.impl("uniform_quantize", &uniform_quantize);
-        m.impl("uniform_quantize_backward", &uniform_quantize_backward);
-        m.impl("grid_params", &grid_params);
-    }
-};
 
 }  // namespace dsq_ext

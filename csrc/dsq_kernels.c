@@ -44,28 +44,29 @@ static inline uint16_t bf16_store(float f) {
     return f != f ? (uint16_t)0x7FC0 : rounded;
 }
 
-/* Which element functions of dsq_math.h a loop runs: the free grid, the affine and
- * symmetric grids, or either with halved bounds (an overflowing u - l; rare, not tuned). */
-enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
+/* Which element functions of dsq_math.h a loop runs (its path, as in dsq_cuda.cu): the
+ * free grid, the affine and symmetric grids, or either with halved bounds (an
+ * overflowing u - l; rare, not tuned). */
+enum { PATH_FREE = 0, PATH_PINNED = 1, PATH_ANY = 2 };
 
 #define DSQ_DEFINE_KERNELS(T, SFX)                                                                  \
     DSQ_INLINE dsq_grad_##SFX backward_elem_##SFX(const dsq_coef_##SFX k, const int mode,           \
-                                                  const int run, T x, T g) {                        \
-        if (run == RUN_FREE) return dsq_elem_backward_##SFX(k, mode, x, g);                         \
-        if (run == RUN_PINNED) return dsq_elem_backward_pinned_##SFX(k, mode, x, g);                \
+                                                  const int path, T x, T g) {                       \
+        if (path == PATH_FREE) return dsq_elem_backward_##SFX(k, mode, x, g);                       \
+        if (path == PATH_PINNED) return dsq_elem_backward_pinned_##SFX(k, mode, x, g);              \
         return dsq_elem_backward_any_##SFX(k, mode, x, g);                                          \
     }                                                                                               \
                                                                                                     \
-    /* mode and run are compile-time constants at each call site below, so the branches             \
+    /* mode and path are compile-time constants at each call site below, so the branches            \
        on them fold */                                                                              \
-    DSQ_INLINE void backward_run_##SFX(const dsq_coef_##SFX k, const int mode, const int run,       \
+    DSQ_INLINE void backward_run_##SFX(const dsq_coef_##SFX k, const int mode, const int path,      \
                                        const T *restrict g, const T *restrict x,                    \
                                        T *restrict dx, int64_t n, double sums[3]) {                 \
-        for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {                                            \
-            const int64_t e = n - b < DSQ_SUB_BLOCK ? n : b + DSQ_SUB_BLOCK;                        \
+        for (int64_t b = 0; b < n; b += DSQ_SPAN) {                                                 \
+            const int64_t e = n - b < DSQ_SPAN ? n : b + DSQ_SPAN;                                  \
             T sl = 0, su = 0, sa = 0;                                                               \
             _Pragma("omp simd reduction(+ : sl, su, sa)") for (int64_t j = b; j < e; ++j) {         \
-                const dsq_grad_##SFX d = backward_elem_##SFX(k, mode, run, x[j], g[j]);             \
+                const dsq_grad_##SFX d = backward_elem_##SFX(k, mode, path, x[j], g[j]);            \
                 dx[j] = d.dx;                                                                       \
                 sl += d.dl;                                                                         \
                 su += d.du;                                                                         \
@@ -87,9 +88,9 @@ enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
                                         const T *restrict g, const T *restrict x,                   \
                                         T *restrict dx, int64_t n, double sums[3]) {                \
         if (mode == DSQ_MODE_DSQ)                                                                   \
-            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_FREE, g, x, dx, n, sums);                       \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, PATH_FREE, g, x, dx, n, sums);                      \
         else                                                                                        \
-            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_FREE, g, x, dx, n, sums);                   \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, PATH_FREE, g, x, dx, n, sums);                  \
     }                                                                                               \
                                                                                                     \
     /* The affine and symmetric grids (k.pinned), and a u - l that overflows on any grid            \
@@ -111,11 +112,11 @@ enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
                                              T *restrict dx, int64_t n, double sums[3]) {           \
         const dsq_coef_##SFX k = *kp;                                                               \
         if (k.xscale != (T)1)                                                                       \
-            backward_run_##SFX(k, mode, RUN_ANY, g, x, dx, n, sums);                                \
+            backward_run_##SFX(k, mode, PATH_ANY, g, x, dx, n, sums);                               \
         else if (mode == DSQ_MODE_DSQ)                                                              \
-            backward_run_##SFX(k, DSQ_MODE_DSQ, RUN_PINNED, g, x, dx, n, sums);                     \
+            backward_run_##SFX(k, DSQ_MODE_DSQ, PATH_PINNED, g, x, dx, n, sums);                    \
         else                                                                                        \
-            backward_run_##SFX(k, DSQ_MODE_UNIFORM, RUN_PINNED, g, x, dx, n, sums);                 \
+            backward_run_##SFX(k, DSQ_MODE_UNIFORM, PATH_PINNED, g, x, dx, n, sums);                \
     }                                                                                               \
                                                                                                     \
     DSQ_INLINE int other_##SFX(const dsq_coef_##SFX k) { return k.pinned || k.xscale != (T)1; }     \
@@ -159,16 +160,16 @@ enum { RUN_FREE = 0, RUN_PINNED = 1, RUN_ANY = 2 };
 DSQ_DEFINE_KERNELS(float, f32)
 DSQ_DEFINE_KERNELS(double, f64)
 
-/* bfloat16 goes through float32 buffers of one sub-block, which stay in L1, so
+/* bfloat16 goes through float32 buffers of one span, which stay in L1, so
  * the float32 loops above do the work and the partial sums are formed exactly
  * as for float32 input. */
 DSQ_HOT void dsq_forward_bf16(const uint16_t *restrict x, uint16_t *restrict y, int64_t n,
                               float lower, float upper, int bits, int grid) {
     const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, (float)DSQ_ALPHA_MAX, bits, grid);
     const int other = other_f32(k);
-    float xb[DSQ_SUB_BLOCK], yb[DSQ_SUB_BLOCK];
-    for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
-        const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
+    float xb[DSQ_SPAN], yb[DSQ_SPAN];
+    for (int64_t b = 0; b < n; b += DSQ_SPAN) {
+        const int64_t m = n - b < DSQ_SPAN ? n - b : DSQ_SPAN;
         for (int64_t j = 0; j < m; ++j) xb[j] = bf16_load(x[b + j]);
         if (other)
             forward_other_f32(&k, xb, yb, m);
@@ -183,14 +184,14 @@ DSQ_HOT void dsq_backward_bf16(const uint16_t *g, const uint16_t *x, uint16_t *d
                                int grid, double sums[3]) {
     const dsq_coef_f32 k = dsq_coef_make_f32(lower, upper, alpha, bits, grid);
     const int other = other_f32(k);
-    float xb[DSQ_SUB_BLOCK], gb[DSQ_SUB_BLOCK], db[DSQ_SUB_BLOCK];
-    for (int64_t b = 0; b < n; b += DSQ_SUB_BLOCK) {
-        const int64_t m = n - b < DSQ_SUB_BLOCK ? n - b : DSQ_SUB_BLOCK;
+    float xb[DSQ_SPAN], gb[DSQ_SPAN], db[DSQ_SPAN];
+    for (int64_t b = 0; b < n; b += DSQ_SPAN) {
+        const int64_t m = n - b < DSQ_SPAN ? n - b : DSQ_SPAN;
         for (int64_t j = 0; j < m; ++j) {
             xb[j] = bf16_load(x[b + j]);
             gb[j] = bf16_load(g[b + j]);
         }
-        /* one sub-block per call: the same partial sums as the float32 kernel's */
+        /* one span per call: the same partial sums as the float32 kernel's */
         if (other)
             backward_other_f32(&k, mode, gb, xb, db, m, sums);
         else

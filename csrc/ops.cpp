@@ -1,8 +1,8 @@
 // Operator schemas of the dsq_ext namespace and their CPU implementations.
 //
 // Each entry point does the same steps: check the arguments (the messages name
-// the argument and its value), pick a dense layout, allocate, split the work
-// into fixed blocks, and run the C kernels of dsq_kernels.c over the blocks on
+// the argument and its value), pick a dense layout, allocate, cut the work into
+// fixed chunks, and run the C kernels of dsq_kernels.c over the chunks on
 // torch's intra-op thread pool (so torch.set_num_threads is honoured).
 
 #include <ATen/Dispatch.h>
@@ -19,34 +19,31 @@
 #include "checks.h"
 #include "dsq_kernels.h"
 #include "dsq_math.h"
+#include "entry_points.h"
 
 namespace dsq_ext {
 namespace {
 
-// Elements per task. Fixed, so that the blocks whose partial sums are added,
-// and the order they are added in, do not depend on the number of threads:
-// the reduced gradients are bit-identical run to run and across
-// torch.set_num_threads.
-constexpr int64_t kBlock = int64_t(1) << 16;
-// Reduced-precision inputs are widened to float32 in chunks this size, on the stack.
-constexpr int64_t kChunk = 4 * DSQ_SUB_BLOCK;
+// Elements per chunk, the unit of work of one task and of one set of partial
+// sums. Fixed, so that the chunks whose partial sums are added, and the order
+// they are added in, do not depend on the number of threads: the reduced
+// gradients are bit-identical run to run and across torch.set_num_threads.
+constexpr int64_t kChunk = int64_t(1) << 16;
+// float16 is widened to float32 this many elements at a time, on the stack: whole
+// spans (DSQ_SPAN), so that the kernels' partial sums are those of one call.
+constexpr int64_t kWidenElems = 4 * DSQ_SPAN;
 // Below this many elements per thread, threading costs more than it saves.
 constexpr int64_t kMinPerThread = int64_t(1) << 15;
 
-// How a tensor splits into (channel, block) tasks.
-struct Plan {
-    int64_t channels;  // 1 when every parameter is per tensor
-    int64_t inner;     // elements per channel
-    int64_t blocks;    // blocks per channel
-    int64_t tasks() const { return channels * blocks; }
-    int64_t grain() const { return std::max<int64_t>(1, kMinPerThread / std::min(inner, kBlock)); }
+// How x's runs (entry_points.h) are cut into chunks, one task each.
+struct Plan : Runs {
+    int64_t channel_chunks;  // chunks per channel
+    int64_t chunks() const { return channels * channel_chunks; }
+    int64_t grain() const { return std::max<int64_t>(1, kMinPerThread / std::min(inner, kChunk)); }
 };
 
-Plan make_plan(const at::Tensor& x, bool per_channel) {
-    const int64_t numel = x.numel();
-    const int64_t channels = per_channel ? x.size(0) : 1;
-    const int64_t inner = channels > 0 ? numel / channels : 0;
-    return {channels, inner, std::max<int64_t>(1, (inner + kBlock - 1) / kBlock)};
+Plan make_plan(const Runs& runs) {
+    return {runs, std::max<int64_t>(1, (runs.inner + kChunk - 1) / kChunk)};
 }
 
 // A parameter widened to the compute type, readable per channel. A missing one
@@ -98,30 +95,30 @@ inline const uint16_t* bits16(const c10::BFloat16* p) {
 }
 inline uint16_t* bits16(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
-// Calls fn(channel, first_element, length) for every task, on the thread pool.
+// Calls fn(channel, first_element, length, chunk) for every chunk, on the thread pool.
 template <typename Fn>
-void for_each_task(const Plan& plan, const Fn& fn) {
-    at::parallel_for(0, plan.tasks(), plan.grain(), [&](int64_t begin, int64_t end) {
+void for_each_chunk(const Plan& plan, const Fn& fn) {
+    at::parallel_for(0, plan.chunks(), plan.grain(), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-            const int64_t c = t / plan.blocks;
-            const int64_t off = (t % plan.blocks) * kBlock;
-            fn(c, c * plan.inner + off, std::min(kBlock, plan.inner - off), t);
+            const int64_t c = t / plan.channel_chunks;
+            const int64_t off = (t % plan.channel_chunks) * kChunk;
+            fn(c, c * plan.inner + off, std::min(kChunk, plan.inner - off), t);
         }
     });
 }
 
-// scalar_t is the storage type, T the compute type (float for the 16-bit types).
-// float16 is widened to float32 in stack chunks; bfloat16 has kernels of its own.
 // Channel c's bounds as the kernels use them; true when sort_bounds swapped them.
 template <typename T>
-bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort, T& l, T& u) {
+bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort_bounds, T& l, T& u) {
     l = lo[c];
     u = up[c];
-    if (!(sort && u < l)) return false;
+    if (!(sort_bounds && u < l)) return false;
     std::swap(l, u);
     return true;
 }
 
+// scalar_t is the storage type, T the compute type (float for the 16-bit types).
+// float16 is widened to float32 on the stack; bfloat16 has kernels of its own.
 template <typename scalar_t, typename T>
 void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
                   const at::Tensor& upper, int bits, const Options& opt) {
@@ -129,7 +126,7 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
     const Param<T> up(&upper, c10::CppTypeToScalarType<T>::value);
     const scalar_t* x = lay.x.data_ptr<scalar_t>();
     scalar_t* y = lay.out.data_ptr<scalar_t>();
-    for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
+    for_each_chunk(plan, [&](int64_t c, int64_t start, int64_t len, int64_t) {
         T l, u;
         bounds(lo, up, c, opt.sort_bounds, l, u);
         if constexpr (std::is_same_v<scalar_t, T>) {
@@ -137,9 +134,9 @@ void forward_impl(const Layout& lay, const Plan& plan, const at::Tensor& lower,
         } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
             dsq_forward_bf16(bits16(x + start), bits16(y + start), len, l, u, bits, opt.grid);
         } else {
-            T bx[kChunk], by[kChunk];
-            for (int64_t s = 0; s < len; s += kChunk) {
-                const int64_t m = std::min(kChunk, len - s);
+            T bx[kWidenElems], by[kWidenElems];
+            for (int64_t s = 0; s < len; s += kWidenElems) {
+                const int64_t m = std::min(kWidenElems, len - s);
                 for (int64_t j = 0; j < m; ++j) bx[j] = static_cast<T>(x[start + s + j]);
                 forward_kernel<T>(bx, by, m, l, u, bits, opt.grid);
                 for (int64_t j = 0; j < m; ++j) y[start + s + j] = static_cast<scalar_t>(by[j]);
@@ -158,7 +155,7 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
     const scalar_t* g = g_t.data_ptr<scalar_t>();
     const scalar_t* x = lay.x.data_ptr<scalar_t>();
     scalar_t* dx = lay.out.data_ptr<scalar_t>();
-    for_each_task(plan, [&](int64_t c, int64_t start, int64_t len, int64_t t) {
+    for_each_chunk(plan, [&](int64_t c, int64_t start, int64_t len, int64_t t) {
         double* sums = partial.data() + 3 * t;
         T l, u;
         const bool swapped = bounds(lo, up, c, opt.sort_bounds, l, u);
@@ -169,9 +166,9 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
             dsq_backward_bf16(bits16(g + start), bits16(x + start), bits16(dx + start), len, l,
                               u, al[c], bits, mode, opt.grid, sums);
         } else {
-            T bg[kChunk], bx[kChunk], bd[kChunk];
-            for (int64_t s = 0; s < len; s += kChunk) {
-                const int64_t m = std::min(kChunk, len - s);
+            T bg[kWidenElems], bx[kWidenElems], bd[kWidenElems];
+            for (int64_t s = 0; s < len; s += kWidenElems) {
+                const int64_t m = std::min(kWidenElems, len - s);
                 for (int64_t j = 0; j < m; ++j) {
                     bg[j] = static_cast<T>(g[start + s + j]);
                     bx[j] = static_cast<T>(x[start + s + j]);
@@ -188,10 +185,11 @@ void backward_impl(const at::Tensor& g_t, const Layout& lay, const Plan& plan,
 at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lower,
                        const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
                        const Options& opt) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
-    const Plan plan = make_plan(lay.x, per_channel);
+    const Plan plan = make_plan(make_runs(lay.x, per_channel));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
         if constexpr (std::is_same_v<scalar_t, double>)
             forward_impl<scalar_t, double>(lay, plan, lower, upper, int(bits), opt);
@@ -201,8 +199,8 @@ at::Tensor forward_cpu(const char* op, const at::Tensor& x, const at::Tensor& lo
     return lay.out;
 }
 
-// Sums the per-block partials of one gradient (k = 0 lower, 1 upper, 2 alpha)
-// in block order, per channel when the parameter is, scales the sums by
+// Sums the per-chunk partials of one gradient (k = 0 lower, 1 upper, 2 alpha)
+// in chunk order, per channel when the parameter is, scales the sums by
 // grad_scale, and returns them in the parameter's shape and dtype.
 at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int k,
                        const at::Tensor& param, double scale) {
@@ -212,7 +210,8 @@ at::Tensor reduce_grad(const std::vector<double>& partial, const Plan& plan, int
     double* o = out.data_ptr<double>();
     for (int64_t c = 0; c < plan.channels; ++c) {
         double s = 0.0;
-        for (int64_t b = 0; b < plan.blocks; ++b) s += partial[3 * (c * plan.blocks + b) + k];
+        for (int64_t j = 0; j < plan.channel_chunks; ++j)
+            s += partial[3 * (c * plan.channel_chunks + j) + k];
         o[per_channel ? c : 0] += s;
     }
     for (int64_t i = 0; i < out.numel(); ++i) o[i] *= scale;
@@ -224,10 +223,11 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad, con
                                      const at::Tensor& lower, const at::Tensor& upper,
                                      const at::Tensor* alpha, int64_t bits, int mode,
                                      const Options& opt) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const Layout lay = make_layout(x, per_channel);
-    const Plan plan = make_plan(lay.x, per_channel);
-    std::vector<double> partial(3 * plan.tasks(), 0.0);
+    const Plan plan = make_plan(make_runs(lay.x, per_channel));
+    std::vector<double> partial(3 * plan.chunks(), 0.0);
     if (x.numel() > 0) {
         const at::Tensor g = match_layout(grad, lay.x);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dsq_ext", [&] {
@@ -271,7 +271,7 @@ at::Tensor fast_tanh_cpu(const at::Tensor& x) {
 
 }  // namespace
 
-// grad_scale, sort_bounds and grid: see Options in checks.h. The forward ops take
+// grad_scale, sort_bounds and grid: see Options in entry_points.h. The forward ops take
 // grad_scale too, although their value does not depend on it, so that their
 // autograd formula (dsq_ext/ops.py) can pass it on to the backward op.
 TORCH_LIBRARY(dsq_ext, m) {
@@ -299,7 +299,7 @@ TORCH_LIBRARY(dsq_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(dsq_ext, CPU, m) {
-    Kernels<forward_cpu, backward_cpu, grid_params_cpu>::register_all(m);
+    EntryPoints<forward_cpu, backward_cpu, grid_params_cpu>::register_all(m);
     m.impl("_fast_tanh", &fast_tanh_cpu);
 }
 

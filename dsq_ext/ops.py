@@ -184,7 +184,8 @@ def _check_flag(value, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels: shapes, dtypes and strides only, the same rules as csrc/checks.h.
+# Fake kernels: shapes, dtypes and strides only, the same rules as csrc/checks.h (the
+# checks) and csrc/entry_points.h (Layout: the outputs' strides).
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

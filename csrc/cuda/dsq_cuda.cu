@@ -2,9 +2,9 @@
 // the CPU kernels call. No ATen here, so this file compiles in seconds.
 //
 // Work split: each channel's run of `inner` elements is cut into chunks of
-// kBlock * kUnroll 16-byte groups (4096 float32 or 16-bit elements, 2048
+// kThreads * kUnroll 16-byte groups (4096 float32 or 16-bit elements, 2048
 // float64). A block handles one chunk at a time; thread t takes groups
-// t, t + kBlock, ... of it. The backward sums each thread's gradients in the
+// t, t + kThreads, ... of it. The backward sums each thread's gradients in the
 // compute type (16 elements at most, 8 for float64), combines
 // them across the block in double in a fixed tree (warp shuffles, then shared
 // memory), and writes one partial per chunk; a second kernel adds the
@@ -17,14 +17,16 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "../dsq_math.h"
 #include "dsq_cuda.h"
 
 namespace {
 
 // Threads per block. Fixed: the order of the block reduction depends on it.
-constexpr int kBlock = 256;
-constexpr int kWarps = kBlock / 32;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 
 template <typename S>
 struct Sizes {
@@ -32,7 +34,7 @@ struct Sizes {
     // 16-byte groups per thread per chunk, all loaded before any is used; two
     // for the 16-bit types, whose eight elements a group already keep many registers busy.
     static constexpr int kUnroll = sizeof(S) == 2 ? 2 : 4;
-    static constexpr int kChunk = kBlock * kUnroll * kVec;
+    static constexpr int kChunk = kThreads * kUnroll * kVec;
     // Backward blocks per SM that the register budget must allow (4 caps a thread
     // at 64): no spills for these types; float64's double math would spill.
     static constexpr int kMinBlocks = sizeof(S) == 8 ? 1 : 4;
@@ -69,12 +71,38 @@ struct Storage<__nv_bfloat16> {
     }
 };
 
-// Which element functions of dsq_math.h a chunk runs: the free grid, the affine and
-// symmetric grids (k.pinned), or either on x times k.xscale (halved bounds, for a u - l
-// that overflows; rare). Chosen per channel, outside the element loops. A kernel
-// inlines only its grid's two (see run_of), which share their coefficients, so the
-// rare one adds a multiply, not registers.
-enum Run { kFree = 0, kPinned = 1, kFreeScaled = 2, kPinnedScaled = 3 };
+// A type, or an int, as a value: what dispatch_dtype and dispatch_grid pass to the
+// generic lambdas of their callers, which take it back with decltype.
+template <typename S>
+struct Type {
+    typedef S type;
+};
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// The one place a dsq_cuda_dtype becomes its storage type S: returns f(Type<S>()), or
+// a default value for a number that is no dsq_cuda_dtype (ops_cuda.cpp passes none).
+// Host and device code both call it. The pragma stops nvcc from warning that the
+// host callers' lambdas are host functions: each instance runs on its caller's side.
+#pragma nv_exec_check_disable
+template <typename F>
+__host__ __device__ __forceinline__ auto dispatch_dtype(int dtype, const F& f)
+    -> decltype(f(Type<float>())) {
+    switch (dtype) {
+        case DSQ_CUDA_F32: return f(Type<float>());
+        case DSQ_CUDA_F64: return f(Type<double>());
+        case DSQ_CUDA_F16: return f(Type<__half>());
+        case DSQ_CUDA_BF16: return f(Type<__nv_bfloat16>());
+    }
+    return decltype(f(Type<float>()))();
+}
+
+// Which element functions of dsq_math.h a chunk runs (its path): the free grid, the
+// affine and symmetric grids (k.pinned), or either on x times k.xscale (halved bounds,
+// for a u - l that overflows; rare). Chosen per channel, outside the element loops. A
+// kernel inlines only its grid's two (see path_of), which share their coefficients, so
+// the rare one adds a multiply, not registers.
+enum Path { kFree = 0, kPinned = 1, kFreeScaled = 2, kPinnedScaled = 3 };
 
 // dsq_math.h's functions for the compute type T.
 template <typename T>
@@ -86,18 +114,18 @@ struct Math<float> {
     static __device__ __forceinline__ Coef make(float l, float u, float a, int bits, int grid) {
         return dsq_coef_make_f32(l, u, a, bits, grid);
     }
-    template <int R>
+    template <int P>
     static __device__ __forceinline__ float forward(const Coef& k, float x) {
-        if (R == kFree) return dsq_elem_forward_f32(k, x);
-        if (R == kPinned) return dsq_elem_forward_pinned_f32(k, x);
-        if (R == kFreeScaled) return dsq_elem_forward_f32(k, x * k.xscale) / k.xscale;
+        if (P == kFree) return dsq_elem_forward_f32(k, x);
+        if (P == kPinned) return dsq_elem_forward_pinned_f32(k, x);
+        if (P == kFreeScaled) return dsq_elem_forward_f32(k, x * k.xscale) / k.xscale;
         return dsq_elem_forward_pinned_f32(k, x * k.xscale) / k.xscale;
     }
-    template <int R>
+    template <int P>
     static __device__ __forceinline__ Grad backward(const Coef& k, int mode, float x, float g) {
-        if (R == kFree) return dsq_elem_backward_f32(k, mode, x, g);
-        if (R == kPinned) return dsq_elem_backward_pinned_f32(k, mode, x, g);
-        if (R == kFreeScaled) return dsq_elem_backward_f32(k, mode, x * k.xscale, g);
+        if (P == kFree) return dsq_elem_backward_f32(k, mode, x, g);
+        if (P == kPinned) return dsq_elem_backward_pinned_f32(k, mode, x, g);
+        if (P == kFreeScaled) return dsq_elem_backward_f32(k, mode, x * k.xscale, g);
         return dsq_elem_backward_pinned_f32(k, mode, x * k.xscale, g);
     }
     static __device__ __forceinline__ void grid_export(const Coef& k, float* scale, float* zp) {
@@ -112,19 +140,19 @@ struct Math<double> {
                                                 int grid) {
         return dsq_coef_make_f64(l, u, a, bits, grid);
     }
-    template <int R>
+    template <int P>
     static __device__ __forceinline__ double forward(const Coef& k, double x) {
-        if (R == kFree) return dsq_elem_forward_f64(k, x);
-        if (R == kPinned) return dsq_elem_forward_pinned_f64(k, x);
-        if (R == kFreeScaled) return dsq_elem_forward_f64(k, x * k.xscale) / k.xscale;
+        if (P == kFree) return dsq_elem_forward_f64(k, x);
+        if (P == kPinned) return dsq_elem_forward_pinned_f64(k, x);
+        if (P == kFreeScaled) return dsq_elem_forward_f64(k, x * k.xscale) / k.xscale;
         return dsq_elem_forward_pinned_f64(k, x * k.xscale) / k.xscale;
     }
-    template <int R>
+    template <int P>
     static __device__ __forceinline__ Grad backward(const Coef& k, int mode, double x,
                                                     double g) {
-        if (R == kFree) return dsq_elem_backward_f64(k, mode, x, g);
-        if (R == kPinned) return dsq_elem_backward_pinned_f64(k, mode, x, g);
-        if (R == kFreeScaled) return dsq_elem_backward_f64(k, mode, x * k.xscale, g);
+        if (P == kFree) return dsq_elem_backward_f64(k, mode, x, g);
+        if (P == kPinned) return dsq_elem_backward_pinned_f64(k, mode, x, g);
+        if (P == kFreeScaled) return dsq_elem_backward_f64(k, mode, x * k.xscale, g);
         return dsq_elem_backward_pinned_f64(k, mode, x * k.xscale, g);
     }
     static __device__ __forceinline__ void grid_export(const Coef& k, double* scale, double* zp) {
@@ -137,14 +165,16 @@ struct alignas(16) Vec {
     S v[Sizes<S>::kVec];
 };
 
+// One quantizer as the kernels read it: its parameters in the compute type T, each
+// with its stride (dsq_cuda_param), and its options (Options, entry_points.h).
 template <typename T>
-struct Params {
+struct Quantizer {
     const T* lower;
     const T* upper;
     const T* alpha;  // NULL in the uniform mode
     int64_t ls, us, as;
-    bool sort;  // sort_bounds
-    int grid;   // a dsq_grid
+    bool sort_bounds;
+    int grid;  // a dsq_grid
 };
 
 // Chunk t: its channel and where its elements are.
@@ -155,42 +185,42 @@ struct Chunk {
 };
 
 template <typename S>
-__device__ __forceinline__ Chunk chunk_of(int64_t t, int64_t inner, int64_t per_channel) {
-    const int64_t c = t / per_channel;
-    const int64_t off = (t - c * per_channel) * Sizes<S>::kChunk;
+__device__ __forceinline__ Chunk chunk_of(int64_t t, int64_t inner, int64_t channel_chunks) {
+    const int64_t c = t / channel_chunks;
+    const int64_t off = (t - c * channel_chunks) * Sizes<S>::kChunk;
     const int64_t rest = inner - off;
     return {c, c * inner + off, rest < Sizes<S>::kChunk ? int(rest) : Sizes<S>::kChunk};
 }
 
 // Channel c's coefficients; *swapped tells whether sort_bounds swapped its bounds.
 template <typename T>
-__device__ __forceinline__ typename Math<T>::Coef make_coef(const Params<T>& p, int64_t c,
+__device__ __forceinline__ typename Math<T>::Coef make_coef(const Quantizer<T>& q, int64_t c,
                                                             int bits, bool* swapped) {
-    const T a = p.alpha ? p.alpha[c * p.as] : T(DSQ_ALPHA_MAX);
-    T l = p.lower[c * p.ls], u = p.upper[c * p.us];
-    *swapped = p.sort && u < l;
+    const T a = q.alpha ? q.alpha[c * q.as] : T(DSQ_ALPHA_MAX);
+    T l = q.lower[c * q.ls], u = q.upper[c * q.us];
+    *swapped = q.sort_bounds && u < l;
     if (*swapped) {
         const T t = l;
         l = u;
         u = t;
     }
-    return Math<T>::make(l, u, a, bits, p.grid);
+    return Math<T>::make(l, u, a, bits, q.grid);
 }
 
-// The run a channel's chunks take in a kernel compiled for grid G (DSQ_GRID_FREE, or
-// not). The free grid's kernels run kFree or kFreeScaled; the integer grids' run
+// The path a channel's chunks take in a kernel compiled for grid G (DSQ_GRID_FREE, or
+// not). The free grid's kernels take kFree or kFreeScaled; the integer grids' take
 // kPinned or kPinnedScaled, and kFree for a degenerate or NaN range (never scaled:
 // an overflowing u - l is neither).
 template <int G, typename Coef>
-__device__ __forceinline__ int run_of(const Coef& k) {
+__device__ __forceinline__ int path_of(const Coef& k) {
     const bool scaled = k.xscale != decltype(k.xscale)(1);
     if (G == DSQ_GRID_FREE) return scaled ? kFreeScaled : kFree;
     if (!k.pinned) return kFree;
     return scaled ? kPinnedScaled : kPinned;
 }
 
-// One chunk of the forward, with the element functions of run R.
-template <typename S, int R>
+// One chunk of the forward, with the element functions of path P.
+template <typename S, int P>
 __device__ __forceinline__ void forward_chunk(const typename Math<typename Storage<S>::T>::Coef& k,
                                               const Chunk& ck, const S* __restrict__ x,
                                               S* __restrict__ y, bool vec_ok) {
@@ -203,26 +233,26 @@ __device__ __forceinline__ void forward_chunk(const typename Math<typename Stora
         Vec<S> v[Sizes<S>::kUnroll];
 #pragma unroll
         for (int u = 0; u < Sizes<S>::kUnroll; ++u)
-            v[u] = *reinterpret_cast<const Vec<S>*>(xs + (u * kBlock + threadIdx.x) * V);
+            v[u] = *reinterpret_cast<const Vec<S>*>(xs + (u * kThreads + threadIdx.x) * V);
 #pragma unroll
         for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                v[u].v[j] = St::store(Math<T>::template forward<R>(k, St::load(v[u].v[j])));
-            *reinterpret_cast<Vec<S>*>(ys + (u * kBlock + threadIdx.x) * V) = v[u];
+                v[u].v[j] = St::store(Math<T>::template forward<P>(k, St::load(v[u].v[j])));
+            *reinterpret_cast<Vec<S>*>(ys + (u * kThreads + threadIdx.x) * V) = v[u];
         }
         return;
     }
-    for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+    for (int e = threadIdx.x * V; e < ck.len; e += kThreads * V) {
         if (vec_ok && e + V <= ck.len) {
             Vec<S> v = *reinterpret_cast<const Vec<S>*>(xs + e);
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                v.v[j] = St::store(Math<T>::template forward<R>(k, St::load(v.v[j])));
+                v.v[j] = St::store(Math<T>::template forward<P>(k, St::load(v.v[j])));
             *reinterpret_cast<Vec<S>*>(ys + e) = v;
         } else {
             for (int j = e; j < e + V && j < ck.len; ++j)
-                ys[j] = St::store(Math<T>::template forward<R>(k, St::load(xs[j])));
+                ys[j] = St::store(Math<T>::template forward<P>(k, St::load(xs[j])));
         }
     }
 }
@@ -232,31 +262,31 @@ __device__ __forceinline__ void forward_chunk(const typename Math<typename Stora
 // and channel, not once per chunk. G is DSQ_GRID_FREE or not (affine and
 // symmetric share their element functions).
 template <typename S, int G>
-__global__ void __launch_bounds__(kBlock)
+__global__ void __launch_bounds__(kThreads)
     forward_kernel(const S* __restrict__ x, S* __restrict__ y, int64_t inner,
-                   int64_t per_channel, int64_t chunks, Params<typename Storage<S>::T> p,
+                   int64_t channel_chunks, int64_t chunks, Quantizer<typename Storage<S>::T> q,
                    int bits, bool vec_ok) {
     typedef typename Storage<S>::T T;
     typename Math<T>::Coef k;
-    int run = kFree;
+    int path = kFree;
     int64_t cur = -1;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
-        const Chunk ck = chunk_of<S>(t, inner, per_channel);
+        const Chunk ck = chunk_of<S>(t, inner, channel_chunks);
         if (ck.channel != cur) {
             bool swapped;
-            k = make_coef<T>(p, ck.channel, bits, &swapped);
-            run = run_of<G>(k);
+            k = make_coef<T>(q, ck.channel, bits, &swapped);
+            path = path_of<G>(k);
             cur = ck.channel;
         }
         if (G == DSQ_GRID_FREE) {
-            if (run == kFree)
+            if (path == kFree)
                 forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
             else
                 forward_chunk<S, kFreeScaled>(k, ck, x, y, vec_ok);
         } else {
-            if (run == kPinned)
+            if (path == kPinned)
                 forward_chunk<S, kPinned>(k, ck, x, y, vec_ok);
-            else if (run == kPinnedScaled)
+            else if (path == kPinnedScaled)
                 forward_chunk<S, kPinnedScaled>(k, ck, x, y, vec_ok);
             else
                 forward_chunk<S, kFree>(k, ck, x, y, vec_ok);
@@ -293,22 +323,22 @@ __device__ __forceinline__ void block_sum3(double s[3]) {
 // The thread's share of one chunk: dx for its elements, and their gradient sums
 // added to sl, su, sa in element order (the same order on the vector and the
 // scalar path, so the alignment of x never changes a sum).
-template <typename S, int MODE, int R>
+template <typename S, int MODE, int P>
 __device__ __forceinline__ void backward_elem(const typename Math<typename Storage<S>::T>::Coef& k,
                                               S xv, S gv, S* dx, typename Storage<S>::T& sl,
                                               typename Storage<S>::T& su,
                                               typename Storage<S>::T& sa) {
     typedef typename Storage<S>::T T;
     const typename Math<T>::Grad d =
-        Math<T>::template backward<R>(k, MODE, Storage<S>::load(xv), Storage<S>::load(gv));
+        Math<T>::template backward<P>(k, MODE, Storage<S>::load(xv), Storage<S>::load(gv));
     *dx = Storage<S>::store(d.dx);
     sl += d.dl;
     su += d.du;
     sa += d.da;
 }
 
-// The thread's share of one chunk of the backward, with the element functions of run R.
-template <typename S, int MODE, int R>
+// The thread's share of one chunk of the backward, with the element functions of path P.
+template <typename S, int MODE, int P>
 __device__ __forceinline__ void backward_chunk(
     const typename Math<typename Storage<S>::T>::Coef& k, const Chunk& ck,
     const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx, bool vec_ok,
@@ -321,7 +351,7 @@ __device__ __forceinline__ void backward_chunk(
         Vec<S> xv[Sizes<S>::kUnroll], gv[Sizes<S>::kUnroll];
 #pragma unroll
         for (int u = 0; u < Sizes<S>::kUnroll; ++u) {
-            const int e = (u * kBlock + threadIdx.x) * V;
+            const int e = (u * kThreads + threadIdx.x) * V;
             xv[u] = *reinterpret_cast<const Vec<S>*>(xs + e);
             gv[u] = *reinterpret_cast<const Vec<S>*>(gs + e);
         }
@@ -330,55 +360,55 @@ __device__ __forceinline__ void backward_chunk(
             Vec<S> dv;
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                backward_elem<S, MODE, R>(k, xv[u].v[j], gv[u].v[j], &dv.v[j], sl, su, sa);
-            *reinterpret_cast<Vec<S>*>(ds + (u * kBlock + threadIdx.x) * V) = dv;
+                backward_elem<S, MODE, P>(k, xv[u].v[j], gv[u].v[j], &dv.v[j], sl, su, sa);
+            *reinterpret_cast<Vec<S>*>(ds + (u * kThreads + threadIdx.x) * V) = dv;
         }
         return;
     }
-    for (int e = threadIdx.x * V; e < ck.len; e += kBlock * V) {
+    for (int e = threadIdx.x * V; e < ck.len; e += kThreads * V) {
         if (vec_ok && e + V <= ck.len) {
             const Vec<S> xv = *reinterpret_cast<const Vec<S>*>(xs + e);
             const Vec<S> gv = *reinterpret_cast<const Vec<S>*>(gs + e);
             Vec<S> dv;
 #pragma unroll
             for (int j = 0; j < V; ++j)
-                backward_elem<S, MODE, R>(k, xv.v[j], gv.v[j], &dv.v[j], sl, su, sa);
+                backward_elem<S, MODE, P>(k, xv.v[j], gv.v[j], &dv.v[j], sl, su, sa);
             *reinterpret_cast<Vec<S>*>(ds + e) = dv;
         } else {
             for (int j = e; j < e + V && j < ck.len; ++j)
-                backward_elem<S, MODE, R>(k, xs[j], gs[j], &ds[j], sl, su, sa);
+                backward_elem<S, MODE, P>(k, xs[j], gs[j], &ds[j], sl, su, sa);
         }
     }
 }
 
 template <typename S, int MODE, int G>
-__global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
+__global__ void __launch_bounds__(kThreads, Sizes<S>::kMinBlocks)
     backward_kernel(const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx,
-                    int64_t inner, int64_t per_channel, int64_t chunks,
-                    Params<typename Storage<S>::T> p, int bits, bool vec_ok,
+                    int64_t inner, int64_t channel_chunks, int64_t chunks,
+                    Quantizer<typename Storage<S>::T> q, int bits, bool vec_ok,
                     double* __restrict__ partials) {
     typedef typename Storage<S>::T T;
     typename Math<T>::Coef k;
     bool swapped = false;
-    int run = kFree;
+    int path = kFree;
     int64_t cur = -1;
     for (int64_t t = blockIdx.x; t < chunks; t += gridDim.x) {
-        const Chunk ck = chunk_of<S>(t, inner, per_channel);
+        const Chunk ck = chunk_of<S>(t, inner, channel_chunks);
         if (ck.channel != cur) {
-            k = make_coef<T>(p, ck.channel, bits, &swapped);
-            run = run_of<G>(k);
+            k = make_coef<T>(q, ck.channel, bits, &swapped);
+            path = path_of<G>(k);
             cur = ck.channel;
         }
         T sl = 0, su = 0, sa = 0;
         if (G == DSQ_GRID_FREE) {
-            if (run == kFree)
+            if (path == kFree)
                 backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
             else
                 backward_chunk<S, MODE, kFreeScaled>(k, ck, g, x, dx, vec_ok, sl, su, sa);
         } else {
-            if (run == kPinned)
+            if (path == kPinned)
                 backward_chunk<S, MODE, kPinned>(k, ck, g, x, dx, vec_ok, sl, su, sa);
-            else if (run == kPinnedScaled)
+            else if (path == kPinnedScaled)
                 backward_chunk<S, MODE, kPinnedScaled>(k, ck, g, x, dx, vec_ok, sl, su, sa);
             else
                 backward_chunk<S, MODE, kFree>(k, ck, g, x, dx, vec_ok, sl, su, sa);
@@ -398,12 +428,12 @@ __global__ void __launch_bounds__(kBlock, Sizes<S>::kMinBlocks)
 template <typename T>
 __global__ void grid_params_kernel(const T* __restrict__ lower, int64_t ls,
                                    const T* __restrict__ upper, int64_t us, int64_t n, int bits,
-                                   int grid, bool sort, T* __restrict__ scale,
+                                   int grid, bool sort_bounds, T* __restrict__ scale,
                                    T* __restrict__ zero_point) {
     for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n;
          c += int64_t(gridDim.x) * blockDim.x) {
         T l = lower[c * ls], u = upper[c * us];
-        if (sort && u < l) {
+        if (sort_bounds && u < l) {
             const T t = l;
             l = u;
             u = t;
@@ -413,34 +443,31 @@ __global__ void grid_params_kernel(const T* __restrict__ lower, int64_t ls,
     }
 }
 
-struct Grads {
+// Where the backward's three reduced gradients go (lower, upper, alpha).
+struct ReducedGrads {
     dsq_cuda_grad g[3];
 };
 
 __device__ __forceinline__ void store_grad(const dsq_cuda_grad& g, int64_t i, double v) {
     // Through float for the 16-bit types, as the CPU path's double -> Half/BFloat16 copy does.
-    switch (g.dtype) {
-        case DSQ_CUDA_F32: static_cast<float*>(g.p)[i] = float(v); break;
-        case DSQ_CUDA_F64: static_cast<double*>(g.p)[i] = v; break;
-        case DSQ_CUDA_F16: static_cast<__half*>(g.p)[i] = __float2half_rn(float(v)); break;
-        case DSQ_CUDA_BF16:
-            static_cast<__nv_bfloat16*>(g.p)[i] = __float2bfloat16_rn(float(v));
-            break;
-    }
+    dispatch_dtype(g.dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        static_cast<S*>(g.p)[i] = Storage<S>::store(typename Storage<S>::T(v));
+    });
 }
 
 // Output block b < pc_blocks sums channel b's chunk partials into the
 // per-channel gradients; the block after them, if any, sums every chunk into
 // the per-tensor gradients (a per-tensor parameter next to per-channel ones).
-__global__ void __launch_bounds__(kBlock)
-    reduce_kernel(const double* __restrict__ partials, int64_t per_channel, int64_t chunks,
-                  int64_t pc_blocks, int64_t out_blocks, double scale, Grads grads) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_kernel(const double* __restrict__ partials, int64_t channel_chunks, int64_t chunks,
+                  int64_t pc_blocks, int64_t out_blocks, double scale, ReducedGrads grads) {
     for (int64_t b = blockIdx.x; b < out_blocks; b += gridDim.x) {
         const bool pc = b < pc_blocks;
-        const int64_t begin = pc ? b * per_channel : 0;
-        const int64_t end = pc ? begin + per_channel : chunks;
+        const int64_t begin = pc ? b * channel_chunks : 0;
+        const int64_t end = pc ? begin + channel_chunks : chunks;
         double s[3] = {0.0, 0.0, 0.0};
-        for (int64_t t = begin + threadIdx.x; t < end; t += kBlock) {
+        for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
             s[0] += partials[3 * t + 0];
             s[1] += partials[3 * t + 1];
             s[2] += partials[3 * t + 2];
@@ -458,7 +485,7 @@ __global__ void __launch_bounds__(kBlock)
 
 // Enough blocks to fill the GPU once; more would only re-derive coefficients.
 // Which block runs which chunk changes no result.
-int grid_size(int per_sm, int64_t work) {
+int launch_blocks(int per_sm, int64_t work) {
     int dev = 0, sms = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
@@ -470,7 +497,7 @@ int grid_size(int per_sm, int64_t work) {
 template <typename Kernel>
 int blocks_per_sm(Kernel kernel) {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBlock, 0) != cudaSuccess)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess)
         n = 0;
     return n > 0 ? n : 1;
 }
@@ -488,56 +515,55 @@ bool aligned(int64_t channels, int64_t inner, const void* a, const void* b, cons
 }
 
 template <typename T>
-Params<T> params(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a, int sort, int grid) {
+Quantizer<T> make_quantizer(dsq_cuda_param l, dsq_cuda_param u, dsq_cuda_param a,
+                            int sort_bounds, int grid) {
     return {static_cast<const T*>(l.p), static_cast<const T*>(u.p), static_cast<const T*>(a.p),
-            l.stride, u.stride, a.stride, sort != 0, grid};
+            l.stride, u.stride, a.stride, sort_bounds != 0, grid};
 }
 
 // The kernels are compiled twice per dtype (and mode): for the free grid, whose loops
 // are the only ones it runs, and for the affine and symmetric grids, which share theirs.
 constexpr int kPinnedGrids = DSQ_GRID_AFFINE;
 
-template <typename S, int G>
-void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
-             dsq_cuda_param upper, int bits, int sort, int grid_kind, cudaStream_t stream) {
-    typedef typename Storage<S>::T T;
-    const int64_t per_channel = chunks_per_channel<S>(inner);
-    const int64_t chunks = channels * per_channel;
-    if (chunks <= 0) return;
-    // Occupancy of the first device used; it only sizes the grid.
-    static const int per_sm = blocks_per_sm(forward_kernel<S, G>);
-    const int grid = grid_size(per_sm, chunks);
-    forward_kernel<S, G><<<grid, kBlock, 0, stream>>>(
-        static_cast<const S*>(x), static_cast<S*>(y), inner, per_channel, chunks,
-        params<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort, grid_kind), bits,
-        aligned<S>(channels, inner, x, y, y));
+// Calls f(Int<G>()) with G the grid whose kernels serve `grid`.
+template <typename F>
+void dispatch_grid(int grid, const F& f) {
+    if (grid == DSQ_GRID_FREE)
+        f(Int<DSQ_GRID_FREE>());
+    else
+        f(Int<kPinnedGrids>());
 }
 
-template <typename S>
-void forward_grid(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
-                  dsq_cuda_param upper, int bits, int sort, int grid_kind, cudaStream_t stream) {
-    if (grid_kind == DSQ_GRID_FREE)
-        forward<S, DSQ_GRID_FREE>(x, y, channels, inner, lower, upper, bits, sort, grid_kind,
-                                  stream);
-    else
-        forward<S, kPinnedGrids>(x, y, channels, inner, lower, upper, bits, sort, grid_kind,
-                                 stream);
+template <typename S, int G>
+void forward(const void* x, void* y, int64_t channels, int64_t inner, dsq_cuda_param lower,
+             dsq_cuda_param upper, int bits, int sort_bounds, int grid, cudaStream_t stream) {
+    typedef typename Storage<S>::T T;
+    const int64_t channel_chunks = chunks_per_channel<S>(inner);
+    const int64_t chunks = channels * channel_chunks;
+    if (chunks <= 0) return;
+    // Occupancy of the first device used; it only sizes the launch.
+    static const int per_sm = blocks_per_sm(forward_kernel<S, G>);
+    const int blocks = launch_blocks(per_sm, chunks);
+    forward_kernel<S, G><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const S*>(x), static_cast<S*>(y), inner, channel_chunks, chunks,
+        make_quantizer<T>(lower, upper, dsq_cuda_param{nullptr, 0}, sort_bounds, grid), bits,
+        aligned<S>(channels, inner, x, y, y));
 }
 
 template <typename S, int MODE, int G>
 void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
               dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
-              int sort, int grid_kind, double scale, double* partials, const Grads& grads,
-              cudaStream_t stream) {
+              int sort_bounds, int grid, double scale, double* partials,
+              const ReducedGrads& grads, cudaStream_t stream) {
     typedef typename Storage<S>::T T;
-    const int64_t per_channel = chunks_per_channel<S>(inner);
-    const int64_t chunks = channels * per_channel;
+    const int64_t channel_chunks = chunks_per_channel<S>(inner);
+    const int64_t chunks = channels * channel_chunks;
     if (chunks <= 0) return;
     static const int per_sm = blocks_per_sm(backward_kernel<S, MODE, G>);
-    const int grid = grid_size(per_sm, chunks);
-    backward_kernel<S, MODE, G><<<grid, kBlock, 0, stream>>>(
+    const int blocks = launch_blocks(per_sm, chunks);
+    backward_kernel<S, MODE, G><<<blocks, kThreads, 0, stream>>>(
         static_cast<const S*>(g), static_cast<const S*>(x), static_cast<S*>(dx), inner,
-        per_channel, chunks, params<T>(lower, upper, alpha, sort, grid_kind), bits,
+        channel_chunks, chunks, make_quantizer<T>(lower, upper, alpha, sort_bounds, grid), bits,
         aligned<S>(channels, inner, g, x, dx), partials);
 
     bool any_pc = false, any_pt = false;
@@ -550,59 +576,20 @@ void backward(const void* g, const void* x, void* dx, int64_t channels, int64_t 
     const int64_t out_blocks = pc_blocks + (any_pt ? 1 : 0);
     if (out_blocks == 0) return;
     static const int reduce_per_sm = blocks_per_sm(reduce_kernel);
-    const int reduce_grid = grid_size(reduce_per_sm, out_blocks);
-    reduce_kernel<<<reduce_grid, kBlock, 0, stream>>>(partials, per_channel, chunks,
-                                                      pc_blocks, out_blocks, scale, grads);
-}
-
-template <typename S, int MODE>
-void backward_grid(const void* g, const void* x, void* dx, int64_t channels, int64_t inner,
-                   dsq_cuda_param lower, dsq_cuda_param upper, dsq_cuda_param alpha, int bits,
-                   int sort, int grid_kind, double scale, double* partials, const Grads& grads,
-                   cudaStream_t stream) {
-    if (grid_kind == DSQ_GRID_FREE)
-        backward<S, MODE, DSQ_GRID_FREE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                         sort, grid_kind, scale, partials, grads, stream);
-    else
-        backward<S, MODE, kPinnedGrids>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort, grid_kind, scale, partials, grads, stream);
-}
-
-template <int MODE>
-void backward_mode(int dtype, const void* g, const void* x, void* dx, int64_t channels,
-                   int64_t inner, dsq_cuda_param lower, dsq_cuda_param upper,
-                   dsq_cuda_param alpha, int bits, int sort, int grid_kind, double scale,
-                   double* partials, const Grads& grads, cudaStream_t stream) {
-    switch (dtype) {
-        case DSQ_CUDA_F32:
-            backward_grid<float, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                       sort, grid_kind, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_F64:
-            backward_grid<double, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort, grid_kind, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_F16:
-            backward_grid<__half, MODE>(g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                        sort, grid_kind, scale, partials, grads, stream);
-            break;
-        case DSQ_CUDA_BF16:
-            backward_grid<__nv_bfloat16, MODE>(g, x, dx, channels, inner, lower, upper, alpha,
-                                               bits, sort, grid_kind, scale, partials, grads,
-                                               stream);
-            break;
-    }
+    const int reduce_blocks = launch_blocks(reduce_per_sm, out_blocks);
+    reduce_kernel<<<reduce_blocks, kThreads, 0, stream>>>(partials, channel_chunks, chunks,
+                                                          pc_blocks, out_blocks, scale, grads);
 }
 
 template <typename T>
 void grid_params(const void* lower, int64_t ls, const void* upper, int64_t us, int64_t n,
-                 int bits, int grid_kind, int sort, void* scale, void* zero_point,
+                 int bits, int grid, int sort_bounds, void* scale, void* zero_point,
                  cudaStream_t stream) {
     if (n <= 0) return;
-    const int blocks = int(n / kBlock + 1 < 1024 ? n / kBlock + 1 : 1024);
-    grid_params_kernel<T><<<blocks, kBlock, 0, stream>>>(
-        static_cast<const T*>(lower), ls, static_cast<const T*>(upper), us, n, bits, grid_kind,
-        sort != 0, static_cast<T*>(scale), static_cast<T*>(zero_point));
+    const int blocks = int(n / kThreads + 1 < 1024 ? n / kThreads + 1 : 1024);
+    grid_params_kernel<T><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const T*>(lower), ls, static_cast<const T*>(upper), us, n, bits, grid,
+        sort_bounds != 0, static_cast<T*>(scale), static_cast<T*>(zero_point));
 }
 
 }  // namespace
@@ -610,36 +597,21 @@ void grid_params(const void* lower, int64_t ls, const void* upper, int64_t us, i
 extern "C" {
 
 int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner) {
-    switch (dtype) {
-        case DSQ_CUDA_F32: return channels * chunks_per_channel<float>(inner);
-        case DSQ_CUDA_F64: return channels * chunks_per_channel<double>(inner);
-        case DSQ_CUDA_F16: return channels * chunks_per_channel<__half>(inner);
-        case DSQ_CUDA_BF16: return channels * chunks_per_channel<__nv_bfloat16>(inner);
-    }
-    return 0;
+    return dispatch_dtype(dtype, [&](auto type) -> int64_t {
+        return channels * chunks_per_channel<typename decltype(type)::type>(inner);
+    });
 }
 
 void dsq_cuda_forward(int dtype, const void* x, void* y, int64_t channels, int64_t inner,
                       dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
                       int grid, cudaStream_t stream) {
-    switch (dtype) {
-        case DSQ_CUDA_F32:
-            forward_grid<float>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                stream);
-            break;
-        case DSQ_CUDA_F64:
-            forward_grid<double>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                 stream);
-            break;
-        case DSQ_CUDA_F16:
-            forward_grid<__half>(x, y, channels, inner, lower, upper, bits, sort_bounds, grid,
-                                 stream);
-            break;
-        case DSQ_CUDA_BF16:
-            forward_grid<__nv_bfloat16>(x, y, channels, inner, lower, upper, bits, sort_bounds,
-                                        grid, stream);
-            break;
-    }
+    dispatch_dtype(dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        dispatch_grid(grid, [&](auto g) {
+            forward<S, decltype(g)::value>(x, y, channels, inner, lower, upper, bits,
+                                           sort_bounds, grid, stream);
+        });
+    });
 }
 
 void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* dx,
@@ -647,25 +619,31 @@ void dsq_cuda_backward(int dtype, int mode, const void* g, const void* x, void* 
                        dsq_cuda_param upper, dsq_cuda_param alpha, int bits, int sort_bounds,
                        int grid, double grad_scale, double* partials, dsq_cuda_grad grad_lower,
                        dsq_cuda_grad grad_upper, dsq_cuda_grad grad_alpha, cudaStream_t stream) {
-    const Grads grads = {{grad_lower, grad_upper, grad_alpha}};
-    if (mode == DSQ_MODE_DSQ)
-        backward_mode<DSQ_MODE_DSQ>(dtype, g, x, dx, channels, inner, lower, upper, alpha, bits,
-                                    sort_bounds, grid, grad_scale, partials, grads, stream);
-    else
-        backward_mode<DSQ_MODE_UNIFORM>(dtype, g, x, dx, channels, inner, lower, upper, alpha,
-                                        bits, sort_bounds, grid, grad_scale, partials, grads,
-                                        stream);
+    const ReducedGrads grads = {{grad_lower, grad_upper, grad_alpha}};
+    dispatch_dtype(dtype, [&](auto type) {
+        typedef typename decltype(type)::type S;
+        dispatch_grid(grid, [&](auto gk) {
+            constexpr int G = decltype(gk)::value;
+            if (mode == DSQ_MODE_DSQ)
+                backward<S, DSQ_MODE_DSQ, G>(g, x, dx, channels, inner, lower, upper, alpha,
+                                             bits, sort_bounds, grid, grad_scale, partials,
+                                             grads, stream);
+            else
+                backward<S, DSQ_MODE_UNIFORM, G>(g, x, dx, channels, inner, lower, upper, alpha,
+                                                 bits, sort_bounds, grid, grad_scale, partials,
+                                                 grads, stream);
+        });
+    });
 }
 
 void dsq_cuda_grid_params(int dtype, const void* lower, int64_t ls, const void* upper,
                           int64_t us, int64_t n, int bits, int grid, int sort_bounds, void* scale,
                           void* zero_point, cudaStream_t stream) {
-    if (dtype == DSQ_CUDA_F64)
-        grid_params<double>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
-                            stream);
-    else
-        grid_params<float>(lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point,
-                           stream);
+    // In dtype's compute type: double for DSQ_CUDA_F64, float for the others.
+    dispatch_dtype(dtype, [&](auto type) {
+        grid_params<typename Storage<typename decltype(type)::type>::T>(
+            lower, ls, upper, us, n, bits, grid, sort_bounds, scale, zero_point, stream);
+    });
 }
 
 }  // extern "C"

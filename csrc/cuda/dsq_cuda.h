@@ -41,9 +41,8 @@ typedef struct {
 /* Number of chunks the backward splits x into; its partials buffer holds 3 doubles per chunk. */
 int64_t dsq_cuda_chunks(int dtype, int64_t channels, int64_t inner);
 
-/* The hard quantized value on the grid (a dsq_grid, dsq_math.h); the same for DSQ and
- * uniform. sort_bounds: a channel whose upper is below its lower uses them swapped
- * (checks.h, Options). */
+/* The hard quantized value on the grid; the same for DSQ and uniform. sort_bounds and
+ * grid (a dsq_grid): see Options in entry_points.h. */
 void dsq_cuda_forward(int dtype, const void *x, void *y, int64_t channels, int64_t inner,
                       dsq_cuda_param lower, dsq_cuda_param upper, int bits, int sort_bounds,
                       int grid, cudaStream_t stream);
@@ -54,7 +53,7 @@ void dsq_cuda_forward(int dtype, const void *x, void *y, int64_t channels, int64
  * then a second kernel adds them up, per channel, in chunk order, into the
  * three gradients, each multiplied by grad_scale. mode is DSQ_MODE_DSQ or
  * DSQ_MODE_UNIFORM (dsq_math.h); in the uniform mode alpha.p and grad_alpha.p
- * may be NULL. sort_bounds as for the forward; the gradients follow the swap.
+ * may be NULL. grad_scale, sort_bounds and grid: see Options in entry_points.h.
  */
 void dsq_cuda_backward(int dtype, int mode, const void *g, const void *x, void *dx,
                        int64_t channels, int64_t inner, dsq_cuda_param lower,
@@ -64,7 +63,7 @@ void dsq_cuda_backward(int dtype, int mode, const void *g, const void *x, void *
                        dsq_cuda_grad grad_alpha, cudaStream_t stream);
 
 /* The scale and zero point of the grid the kernels use, for n channels (dsq_kernels.h's
- * dsq_grid_params_*): dtype DSQ_CUDA_F64 computes in double, any other in float; the
+ * dsq_grid_params_*): dtype DSQ_CUDA_F64 computes in double, the others in float; the
  * bounds and both outputs are device arrays of that type. */
 void dsq_cuda_grid_params(int dtype, const void *lower, int64_t ls, const void *upper,
                           int64_t us, int64_t n, int bits, int grid, int sort_bounds, void *scale,

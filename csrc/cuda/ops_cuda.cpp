@@ -1,7 +1,7 @@
 // CUDA implementations of the dsq_ext operators declared in ops.cpp.
 //
-// The same steps as the CPU entry points, with the same checks and output
-// layouts (checks.h): check, pick a dense layout, allocate, and enqueue the
+// The same steps as the CPU entry points, with the same checks (checks.h) and
+// output layouts (entry_points.h): check, pick a dense layout, allocate, enqueue the
 // kernels of dsq_cuda.cu on the current stream. Nothing is read back on the
 // host, so these ops never synchronise and are safe to capture in CUDA graphs.
 
@@ -21,6 +21,7 @@
 
 #include "../checks.h"
 #include "../dsq_math.h"
+#include "../entry_points.h"
 #include "dsq_cuda.h"
 
 namespace dsq_ext {
@@ -36,23 +37,6 @@ int cuda_dtype(at::ScalarType t) {
     }
 }
 
-// The 16-bit types are computed in float, as on the CPU.
-at::ScalarType compute_type(at::ScalarType t) {
-    return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// How the kernels see x: `channels` runs of `inner` elements (ops.cpp's Plan,
-// less the block split, which dsq_cuda.cu owns).
-struct Shape {
-    int64_t channels;  // 1 when every parameter is per tensor
-    int64_t inner;
-};
-
-Shape make_shape(const at::Tensor& x, bool per_channel) {
-    const int64_t channels = per_channel ? x.size(0) : 1;
-    return {channels, channels > 0 ? x.numel() / channels : 0};
-}
-
 // A parameter in the compute type, kept alive until the kernels are enqueued
 // (the caching allocator orders its reuse after them on the stream).
 struct Param {
@@ -64,10 +48,10 @@ struct Param {
 };
 
 // A reduced gradient in the parameter's own shape and dtype.
-struct Grad {
+struct ReducedGrad {
     at::Tensor t;
     dsq_cuda_grad arg;
-    explicit Grad(const at::Tensor& param)
+    explicit ReducedGrad(const at::Tensor& param)
         : t(at::empty(param.sizes(), param.options())),
           arg{t.data_ptr(), cuda_dtype(param.scalar_type()), param.numel() == 1 ? 0 : 1} {}
 };
@@ -75,16 +59,17 @@ struct Grad {
 at::Tensor forward_cuda(const char* op, const at::Tensor& x, const at::Tensor& lower,
                         const at::Tensor& upper, const at::Tensor* alpha, int64_t bits,
                         const Options& opt) {
-    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, nullptr, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) return lay.out;
-    const Shape s = make_shape(lay.x, per_channel);
+    const Runs runs = make_runs(lay.x, per_channel);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
     dsq_cuda_forward(cuda_dtype(x.scalar_type()), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                     s.channels, s.inner, lo.arg, up.arg, int(bits), opt.sort_bounds, opt.grid,
-                     c10::cuda::getCurrentCUDAStream());
+                     runs.channels, runs.inner, lo.arg, up.arg, int(bits), opt.sort_bounds,
+                     opt.grid, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return lay.out;
 }
@@ -94,7 +79,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
                                       const at::Tensor& lower, const at::Tensor& upper,
                                       const at::Tensor* alpha, int64_t bits, int mode,
                                       const Options& opt) {
-    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt);
+    const bool per_channel = check_args(op, &grad, x, lower, upper, alpha, bits, opt.grid,
+                                        opt.grad_scale);
     const c10::cuda::CUDAGuard guard(x.device());
     const Layout lay = make_layout(x, per_channel);
     if (x.numel() == 0) {
@@ -104,21 +90,21 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad, co
         return r;
     }
     const at::Tensor g = match_layout(grad, lay.x);
-    const Shape s = make_shape(lay.x, per_channel);
+    const Runs runs = make_runs(lay.x, per_channel);
     const int dtype = cuda_dtype(x.scalar_type());
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Param lo(lower, ct), up(upper, ct);
-    const Grad gl(lower), gu(upper);
+    const ReducedGrad gl(lower), gu(upper);
     std::optional<Param> al;
-    std::optional<Grad> ga;
+    std::optional<ReducedGrad> ga;
     if (alpha) {
         al.emplace(*alpha, ct);
         ga.emplace(*alpha);
     }
-    const at::Tensor partials = at::empty({3 * dsq_cuda_chunks(dtype, s.channels, s.inner)},
+    const at::Tensor partials = at::empty({3 * dsq_cuda_chunks(dtype, runs.channels, runs.inner)},
                                           x.options().dtype(at::kDouble));
     dsq_cuda_backward(dtype, mode, g.const_data_ptr(), lay.x.const_data_ptr(), lay.out.data_ptr(),
-                      s.channels, s.inner, lo.arg, up.arg,
+                      runs.channels, runs.inner, lo.arg, up.arg,
                       al ? al->arg : dsq_cuda_param{nullptr, 0}, int(bits), opt.sort_bounds,
                       opt.grid, opt.grad_scale, partials.data_ptr<double>(), gl.arg, gu.arg,
                       ga ? ga->arg : dsq_cuda_grad{nullptr, DSQ_CUDA_F32, 0},
@@ -144,7 +130,7 @@ void grid_params_cuda(const at::Tensor& lower, const at::Tensor& upper, int bits
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsq_ext, CUDA, m) {
-    Kernels<forward_cuda, backward_cuda, grid_params_cuda>::register_all(m);
+    EntryPoints<forward_cuda, backward_cuda, grid_params_cuda>::register_all(m);
 }
 
 }  // namespace dsq_ext
