@@ -54,7 +54,7 @@ import dsq_ext  # noqa: E402
 VARIANTS = ("float", "dsq", "dsq_keep", "uniform", "uniform_keep", "composite")
 
 
-def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
+def build_models(variants, num_classes, device, w_bits, a_bits, per_channel, grid):
     import torchvision
 
     torch.manual_seed(0)
@@ -66,11 +66,11 @@ def build_models(variants, num_classes, device, w_bits, a_bits, per_channel):
             # composite swaps the op that the unfused layers (recompute=False) call
             method = "dsq" if v == "composite" else v.removesuffix("_keep")
             recompute = v in ("dsq", "uniform")
-            # the composite computes the paper's free grid; the others the default grid
-            grid = {"grid": "free"} if v == "composite" else {}
+            # the composite computes the paper's free grid; the others --grid
             dsq_ext.quantize_model(
-                m, method, w_bits, a_bits, per_channel=per_channel, recompute=recompute, **grid
-            )
+                m, method, w_bits, a_bits, per_channel=per_channel, recompute=recompute,
+                grid="free" if v == "composite" else grid,
+            )  # fmt: skip
         models[v] = m.to(device).train()
     return models
 
@@ -126,6 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--a-bits", type=int, default=4)
     p.add_argument("--per-channel", action="store_true", help="per-channel weight bounds")
+    p.add_argument(
+        "--grid",
+        default=dsq_ext.QuantConfig().grid,
+        choices=("free", "affine", "symmetric"),
+        help="the quantized variants' grid (default: the layers' default; composite: always free)",
+    )
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--quick", action="store_true", help="tiny batch and image, two rounds: a smoke test")
@@ -171,14 +177,17 @@ def main(argv=None) -> int:
     print(f"# bench_step: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}")
     print(
         f"resnet18, batch {batch} at {size}x{size}, {args.num_classes} classes, SGD momentum 0.9, "
-        f"W{args.w_bits}A{args.a_bits}{' per-channel weights' if args.per_channel else ''}; device {device}"
+        f"W{args.w_bits}A{args.a_bits}{' per-channel weights' if args.per_channel else ''}, "
+        f"{args.grid} grid; device {device}"
         + (f" ({info['gpu']})" if cuda else f", {info['threads']} threads")
         + f"; {reps} rounds after {warmup} warm-up steps; load average at start "
         + (", ".join(f"{v:.2f}" for v in info["loadavg_start"]) if info["loadavg_start"] else "n/a")
         + ("; malloc keeps freed memory" if info["malloc_keeps_freed_memory"] else "")
     )
 
-    models = build_models(variants, args.num_classes, device, args.w_bits, args.a_bits, args.per_channel)
+    models = build_models(
+        variants, args.num_classes, device, args.w_bits, args.a_bits, args.per_channel, args.grid
+    )
     runners = {v: Runner(v, models[v], args.lr, args.weight_decay) for v in variants}
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
