@@ -5,7 +5,6 @@ reaches them: weights on the layer's grid, activations on the affine grid where
 the layer says symmetric, quantize_model passing it on, and train.py recording it.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -114,12 +113,7 @@ def test_quantize_model_passes_grid_on():
 # train.py --grid
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    spec = importlib.util.spec_from_file_location("dsq_train_script_grid", TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+# train_script: conftest.py's fixture (train.py imported as a module)
 
 
 def _parsed(train_script, *argv):

@@ -30,6 +30,17 @@ def quantize(mode, x, lower, upper, alpha, bits, **options):
     return uniform_quantize(x, lower, upper, bits, **options)
 
 
+def _case_tensors(x, lower, upper, alpha, pshape, dtype, device):
+    # x in the dtype under test; the parameters float32, as the layers hold them.
+    f32 = dict(dtype=torch.float32, device=device)
+    return (
+        x.to(dtype=dtype, device=device),
+        lower.to(**f32),
+        upper.to(**f32),
+        torch.full(pshape, alpha, **f32),
+    )
+
+
 def make_case(shape, bits, per_channel, dtype, device, alpha=0.2, spread=1.5):
     """Random x around [lower, upper], kept off the round-half-up boundaries by 1% of Delta.
 
@@ -48,13 +59,7 @@ def make_case(shape, bits, per_channel, dtype, device, alpha=0.2, spread=1.5):
         delta = (up - lo) / (2**bits - 1)
         near = (r.abs() < 0.01) & (x >= lo) & (x <= up)
         x = torch.where(near, x + 0.02 * delta, x)
-    f32 = dict(dtype=torch.float32, device=device)
-    return (
-        x.to(dtype=dtype, device=device),
-        lower.to(**f32),
-        upper.to(**f32),
-        torch.full(pshape if per_channel else (), alpha, **f32),
-    )
+    return _case_tensors(x, lower, upper, alpha, pshape, dtype, device)
 
 
 def kernel_grads(mode, x, lower, upper, alpha, bits, g, **options):
@@ -743,13 +748,7 @@ def make_grid_case(shape, bits, per_channel, dtype, device, grid, alpha=0.2):
         v, r = grid_position(x, lower, upper, bits, grid)
         near = (r.abs() < 0.01) | (v.abs() < 0.01) | ((v - nlev).abs() < 0.01)
         x = torch.where(near, x + 0.02 * delta, x)
-    f32 = dict(dtype=torch.float32, device=device)
-    return (
-        x.to(dtype=dtype, device=device),
-        lower.to(**f32),
-        upper.to(**f32),
-        torch.full(pshape if per_channel else (), alpha, **f32),
-    )
+    return _case_tensors(x, lower, upper, alpha, pshape, dtype, device)
 
 
 def grid_reference_grads(mode, x, lower, upper, alpha, bits, g, grid):
