@@ -19,12 +19,14 @@ so that they cost no extra kernel launches:
                torch.maximum(lower, upper), except that tied bounds are not
                split (lower gets the gradient of the lower bound).
 
-`grid` chooses the levels (docs/DSQ_MATH.md): "free", today's l + k*Delta;
+`grid` chooses the levels (docs/DSQ_MATH.md): "free" (the ops' default), the
+paper's l + k*Delta;
 "affine", Delta = (u - l)/N with an integer zero point, so that 0.0 is a level
 and the forward is exactly ONNX QuantizeLinear -> clip -> DequantizeLinear;
 "symmetric", zero point 0 and levels -Qp..Qp, Qp = 2^(b-1) - 1, Delta =
 max(-l, u)/Qp (bits >= 2). grid_params gives the scale and zero point the
-kernels use, for export.
+kernels use, for export. (The layers, QuantConfig, quantize_model and train.py
+default to "affine", which exports exactly.)
 
 Double backward (differentiating a gradient of these ops) is not supported:
 it raises.
