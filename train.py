@@ -280,8 +280,9 @@ def main_worker(gpu, ngpus_per_node, args):
         load_float_weights(model, args.init_from)
     if args.quantize:
         # recompute changes how the layers compute, never a number: not part of the config.
-        model = quant_config(args).quantize(model, recompute=args.recompute is not False)
-        flags = describe_config(quant_config(args)) + " --no-recompute" * (args.recompute is False)
+        cfg = quant_config(args)
+        model = cfg.quantize(model, recompute=args.recompute)
+        flags = describe_config(cfg) + " --no-recompute" * (not args.recompute)
         print(f"=> quantized {len(dsq_ext.quantized_modules(model))} layers: {flags}")
     # --- end dsq_ext
 
@@ -724,6 +725,7 @@ def check_args(args):
         if args.a_bits is None and args.quantize_input:
             args.a_bits = quan_bit
         args.quantize_input = args.a_bits is not None
+        args.recompute = args.recompute is not False  # on unless --no-recompute
         if args.grid == "symmetric" and args.w_bits is not None and args.w_bits < 2:
             parser.error("--grid symmetric needs at least 2 weight bits (its levels are -(2^(b-1)-1)..2^(b-1)-1)")
         if args.act_percentile is not None and args.a_bits is None:
