@@ -489,6 +489,7 @@ def train(train_loader, model, criterion, optimizer, epoch, device, args):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        dsq_ext.project_alpha_(model)  # --- dsq_ext: keep each alpha where it has a gradient
 
         # measure elapsed time
         batch_time.update(time.time() - end)

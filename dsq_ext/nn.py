@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused, ops
+from . import _C, fused, ops
 from .config import _UNSET, QuantConfig, resolve_layer_configs
 
 __all__ = [
@@ -43,7 +43,11 @@ __all__ = [
     "quantized_modules",
     "quantizer_parameters",
     "param_groups",
+    "project_alpha_",
 ]
+
+# The range the kernels clamp alpha into (csrc/dsq_math.h, DSQ_ALPHA_MIN / DSQ_ALPHA_MAX).
+ALPHA_MIN, ALPHA_MAX = _C.ALPHA_MIN, _C.ALPHA_MAX
 
 # Elements per row that Quantizer(percentile=...) reads to set bounds (see _percentile_range).
 PERCENTILE_SAMPLE = 1 << 20
@@ -206,6 +210,12 @@ class Quantizer(nn.Module):
             s = 1.0 / math.sqrt(max(per_channel, 1) * (2**self.bits - 1))
         sort = self.bounds == "learned"
         return fused.QuantArgs(self.lower, self.upper, self.alpha, self.bits, self.method, s, sort, self.grid)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clamps the alpha parameter into [ALPHA_MIN, ALPHA_MAX] (see project_alpha_)."""
+        if self.alpha is not None:
+            self.alpha.clamp_(ALPHA_MIN, ALPHA_MAX)  # a NaN alpha stays NaN, visibly
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.kernel_args(x)
@@ -430,6 +440,26 @@ def quantized_modules(model: nn.Module):
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every learned lower, upper and alpha in the model (to keep out of weight decay)."""
     return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
+
+
+def project_alpha_(model: nn.Module) -> None:
+    """Clamps every quantizer's alpha parameter into [ALPHA_MIN, ALPHA_MAX]; call it after each optimizer step.
+
+    The kernels clamp alpha into that range where they use it, and a clamped alpha
+    gets zero gradient: an alpha that one large step pushed past 0.5 (or below
+    ALPHA_MIN) would stay there, frozen, for the rest of training. Clamping the
+    parameter itself after each step (projected gradient descent) keeps it where its
+    gradient lives. It changes no value or gradient of any step: the kernels already
+    used the clamped value, so a checkpoint means the same before and after. train.py
+    calls it after every step; in another loop, call it yourself or register it once:
+        optimizer.register_step_post_hook(lambda *_: dsq_ext.project_alpha_(model))
+    (Where the step Delta is below about 0.0076 the kernels also raise alpha to
+    2 / (1 + exp(1000 Delta)), the paper's k <= 1000; that floor moves with the
+    bounds, per channel, and stays the kernels' business.)
+    """
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.project_()
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:

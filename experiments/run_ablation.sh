@@ -7,8 +7,12 @@
 #   dsq_..._a1000_bfix_ep3_s{0,1,2}                    DSQ, alpha learned at 1000x --lr
 #                                                      (RESULTS.md, "Why alpha stays at 0.2")
 #   dsq_..._a1000_ep3_s{0,1,2}                         DSQ, alpha (1000x), l and u learned
-#   dsq_..._ep3_s{0,1,2}                               DSQ with today's defaults (alpha at 1x)
-# 30 runs of three epochs: hours on 2 CPU cores, minutes on a GPU (add --gpu 0 to COMMON
+#   dsq_..._ep3_s{0,1,2}                               DSQ with alpha at 1x (the old default)
+#   float_ft_ep3_s{0,1,2}                              the float control: float_s0 fine-tuned
+#                                                      on the same schedule, unquantized
+# Every alpha is projected into the kernels' range after each step (dsq_ext.project_alpha_);
+# a1000 records written before that (commit 7be19d5) let the weights' alpha leave (0, 0.5].
+# 33 runs of three epochs: hours on 2 CPU cores, minutes on a GPU (add --gpu 0 to COMMON
 # there). Each finished run is recorded in experiments/results/NAME.json.
 #
 #   experiments/run_ablation.sh          # all, skipping finished ones
@@ -24,6 +28,7 @@ declare -A RECIPE=(
 EP3=(--epochs 3 "${FT[@]}")
 
 for s in 0 1 2; do
+    add float_ft_ep3_s$s "${EP3[*]} --seed $s"
     for r in w2a2_p99 w4a4_p999; do
         q="${RECIPE[$r]} ${EP3[*]} --seed $s"
         add uniform_${r}_bfix_ep3_s$s   "-q uniform --bounds-lr-scale 0 $q"
