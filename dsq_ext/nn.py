@@ -443,7 +443,7 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def project_alpha_(model: nn.Module) -> None:
-    """Clamps every quantizer's alpha parameter into [ALPHA_MIN, ALPHA_MAX]; call it after each optimizer step.
+    """Clamps every alpha parameter into [ALPHA_MIN, ALPHA_MAX]; call it after each optimizer step.
 
     The kernels clamp alpha into that range where they use it, and a clamped alpha
     gets zero gradient: an alpha that one large step pushed past 0.5 (or below

@@ -256,6 +256,50 @@ def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
 
 
 @pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("outside, projected", [(3.0, 0.5), (-2.0, 1e-3)])
+def test_project_alpha_brings_a_clamped_alpha_back_to_life(recompute, outside, projected):
+    # An alpha past the kernels' range gets zero gradient (it is clamped where it is
+    # used); project_alpha_ moves the parameter onto the range's edge, where the same
+    # forward value and input gradient hold and alpha has a gradient again.
+    torch.manual_seed(0)
+    layer = DSQConv2d(4, 8, 3, w_bits=2, a_bits=2, per_channel=True, recompute=recompute)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    quantizers = (layer.weight_quantizer, layer.act_quantizer)
+
+    def step():
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), x.grad.clone(), [q.alpha.grad.clone() for q in quantizers]
+
+    with torch.no_grad():
+        for q in quantizers:
+            q.alpha.fill_(outside)
+    y0, gx0, ga0 = step()
+    assert all(g.item() == 0 for g in ga0)
+    dsq_ext.project_alpha_(layer)
+    for q in quantizers:
+        assert q.alpha.item() == pytest.approx(projected) and q.alpha.requires_grad
+    y1, gx1, ga1 = step()
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(g.item() != 0 for g in ga1)
+
+
+def test_project_alpha_keeps_alphas_in_range_and_nan_visible():
+    model = nn.Sequential(
+        DSQLinear(4, 4, w_bits=2, a_bits=2), DSQLinear(4, 4, method="uniform", w_bits=2, a_bits=2)
+    )
+    alphas = [model[0].weight_quantizer.alpha, model[0].act_quantizer.alpha]
+    with torch.no_grad():
+        alphas[0].fill_(0.3)
+        alphas[1].fill_(float("nan"))
+    dsq_ext.project_alpha_(model)
+    assert alphas[0].item() == pytest.approx(0.3) and math.isnan(alphas[1].item())
+    assert model[1].weight_quantizer.alpha is None  # uniform quantizers have none
+
+
+@pytest.mark.parametrize("recompute", [True, False])
 def test_compile_fullgraph_forward_backward(recompute):
     layer = conv(per_channel=True, recompute=recompute)
     x = torch.randn(2, 8, 7, 7, requires_grad=True)

@@ -232,6 +232,22 @@ def test_init_from_float_checkpoint(float_run, data, tmp_path):
     assert sd["layer1.0.conv1.weight_quantizer.upper"] == w.max()
 
 
+@slow
+def test_every_alpha_stays_in_its_range_at_a_huge_alpha_lr(data, tmp_path):
+    # At --alpha-lr-scale 1e5 one step moves an alpha by far more than its range
+    # (0, 0.5]; train.py projects the alphas back after every step.
+    run_train(
+        "-a", "resnet18", "-q", "DSQ", "--quan_bit", "2", "--quantize_input", *SMALL,
+        "--alpha-lr-scale", "1e5", "--epochs", "1", "--log_path", tmp_path, data,
+    )  # fmt: skip
+    sd = load(tmp_path / "checkpoint.pth.tar")["state_dict"]
+    alphas = torch.stack([v for k, v in sd.items() if k.endswith("_quantizer.alpha")])
+    lo, hi = torch.tensor(dsq_ext.nn.ALPHA_MIN), torch.tensor(dsq_ext.nn.ALPHA_MAX)
+    assert len(alphas) == 38 and ((alphas >= lo) & (alphas <= hi)).all(), alphas
+    # Some sit on an edge: those are the ones that the step took outside.
+    assert ((alphas == lo) | (alphas == hi)).any(), alphas
+
+
 # ---------------------------------------------------------------------------------------
 # Arguments rejected with clear messages (in-process: no Python start-up per case)
 
