@@ -6,7 +6,8 @@ checkpoints are not kept from one machine to the next):
 
 The record holds the command, the seed, the exit status and wall time (runs/NAME/done), the
 validation top-1/top-5 after every epoch (train.log), the final alpha and bounds of every
-quantizer (its last checkpoint), the machine and the code version.
+quantizer (its last checkpoint), every alpha after each epoch (TensorBoard events), the
+machine and the code version.
 """
 
 import argparse
@@ -38,6 +39,22 @@ def _cpu() -> str:
 def _values(t):
     t = t.flatten().tolist()
     return t[0] if len(t) == 1 else t
+
+
+def alpha_per_epoch(run_dir: str) -> dict:
+    """{quantizer: [alpha after epoch 0, 1, ...]} from the run's TensorBoard events (train.py
+    logs every quantizer's alpha once per epoch, as quant/<layer>/<weight|act>_alpha)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        m = re.fullmatch(r"quant/(?P<layer>.+)/(?P<kind>weight|act)_alpha", tag)
+        if m:
+            by_epoch = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run logs again
+            out[f"{m['layer']}.{m['kind']}"] = [by_epoch[k] for k in sorted(by_epoch)]
+    return out
 
 
 def record(run_dir: str) -> dict:
@@ -74,6 +91,7 @@ def record(run_dir: str) -> dict:
         "epochs": epochs,
         "best_acc1": float(ckpt["best_acc1"]),
         "quantizers": quantizers,
+        "alpha_per_epoch": alpha_per_epoch(run_dir),
         "machine": {
             "cpu": _cpu(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -7,11 +7,11 @@
 #   dsq_..._a1000_bfix_ep3_s{0,1,2}                    DSQ, alpha learned at 1000x --lr
 #                                                      (RESULTS.md, "Why alpha stays at 0.2")
 #   dsq_..._a1000_ep3_s{0,1,2}                         DSQ, alpha (1000x), l and u learned
-#   dsq_..._ep3_s{0,1,2}                               DSQ with alpha at 1x (the old default)
+#   dsq_..._a1_ep3_s{0,1,2}                            DSQ, alpha (1x), l and u learned
 #   float_ft_ep3_s{0,1,2}                              the float control: float_s0 fine-tuned
 #                                                      on the same schedule, unquantized
 # Every alpha is projected into the kernels' range after each step (dsq_ext.project_alpha_);
-# a1000 records written before that (commit 7be19d5) let the weights' alpha leave (0, 0.5].
+# a1000 records written before that (code f6eb9d5) let the weights' alpha leave (0, 0.5].
 # 33 runs of three epochs: hours on 2 CPU cores, minutes on a GPU (add --gpu 0 to COMMON
 # there). Each finished run is recorded in experiments/results/NAME.json.
 #
@@ -35,7 +35,7 @@ for s in 0 1 2; do
         add dsq_${r}_afix_bfix_ep3_s$s  "-q DSQ --alpha-lr-scale 0 --bounds-lr-scale 0 $q"
         add dsq_${r}_a1000_bfix_ep3_s$s "-q DSQ --alpha-lr-scale 1000 --bounds-lr-scale 0 $q"
         add dsq_${r}_a1000_ep3_s$s      "-q DSQ --alpha-lr-scale 1000 $q"
-        add dsq_${r}_ep3_s$s            "-q DSQ $q"
+        add dsq_${r}_a1_ep3_s$s         "-q DSQ --alpha-lr-scale 1 $q"
     done
 done
 
