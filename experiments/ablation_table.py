@@ -58,6 +58,11 @@ def read_records(folder: str) -> dict:
     return out
 
 
+def _recipe(recipe: str) -> str:
+    bits, pct = recipe.split("_")  # "w2a2_p99" -> "W2A2, act. bounds p99"
+    return f"{bits.upper()}, act. bounds {pct}"
+
+
 def _clamped(a: float) -> float:
     return min(max(a, ALPHA_MIN), ALPHA_MAX)
 
@@ -101,7 +106,7 @@ def table(records: dict) -> str:
     for recipe in sorted(records, reverse=True):
         arms = records[recipe]
         lines += [
-            f"### {recipe.upper().replace('_', ', act. bounds ')}",
+            f"### {_recipe(recipe)}",
             "",
             "| arm | top-1 per seed (%) | mean +- sd | minus uniform, paired (per seed) "
             "| minus float control, paired | alpha spread across layers: W / A | code |",
@@ -141,7 +146,7 @@ def alpha_table(records: dict, arm: str = "dsq_a1000") -> str:
             continue
         seeds = sorted(runs)
         lines += [
-            f"### alpha at the end: {LABEL[arm]}, {recipe.upper()}",
+            f"### alpha at the end: {LABEL[arm]}, {_recipe(recipe)}",
             "",
             "| layer | weight alpha, "
             + ", ".join(f"s{s}" for s in seeds)
@@ -177,8 +182,9 @@ def figure(records: dict, path: str, arm: str = "dsq_a1000", seed: int = 0) -> N
                 if name.endswith("." + kind):
                     ys = [start[kind]] + [_clamped(v) for v in values]
                     ax.plot(range(len(ys)), ys, marker=".", lw=1)
-            ax.set_title(f"{recipe.upper()}, {title}: {LABEL[arm]}, seed {seed}", fontsize=9)
-            ax.set_xlabel("epoch")
+            ax.set_title(f"{_recipe(recipe)}, {title}: {LABEL[arm]}, seed {seed}", fontsize=9)
+            ax.set_xticks(range(len(rec["epochs"]) + 1))
+            ax.set_xlabel("epochs of fine-tuning")
             ax.set_ylabel("alpha")
             ax.set_ylim(0, 0.52)
             ax.axhline(ALPHA_MAX, color="grey", lw=0.8, ls="--")
