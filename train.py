@@ -154,7 +154,8 @@ quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
 quant.add_argument('--alpha-lr-scale', default=None, type=_scale, metavar='K',
-                   help="DSQ's alpha learns at K times --lr (0 keeps it at --alpha-init; default: 1)")
+                   help="DSQ's alpha learns at K times --lr (0 keeps it at --alpha-init; "
+                        f"default: {dsq_ext.QuantConfig().alpha_lr_scale:g})")
 quant.add_argument('--bounds-lr-scale', default=None, type=_scale, metavar='K',
                    help='learned bounds learn at K times --lr (0 keeps them at their first-batch '
                         'values; default: 1)')
@@ -840,8 +841,9 @@ def describe_config(cfg):
     flags += ["--bounds", first.bounds]
     if a is not None and a.percentile is not None:
         flags += ["--act-percentile", f"{a.percentile:g}"]
+    default = dsq_ext.QuantConfig(method=first.method)
     for flag, field in (("--alpha-lr-scale", "alpha_lr_scale"), ("--bounds-lr-scale", "bounds_lr_scale")):
-        if getattr(first, field) != 1.0:
+        if getattr(first, field) != getattr(default, field):
             flags += [flag, f"{getattr(first, field):g}"]
     flags += ["--grid", w.grid if w else first.grid]
     return " ".join(flags)

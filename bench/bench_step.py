@@ -80,7 +80,7 @@ class Runner:
         self.name = name
         self.model = model
         # Quantizer parameters (lower, upper, alpha) are kept out of weight decay.
-        self.opt = torch.optim.SGD(dsq_ext.param_groups(model, weight_decay), lr=lr, momentum=0.9)
+        self.opt = torch.optim.SGD(dsq_ext.param_groups(model, weight_decay, lr), lr=lr, momentum=0.9)
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def context(self):

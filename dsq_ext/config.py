@@ -33,7 +33,7 @@ INIT_ONLY = ("alpha_init", "percentile")
 # Fields added after checkpoints were first written, with the value that a dict
 # written before the field existed means (the behaviour it was trained with),
 # which need not be today's default.
-_LEGACY = {"grid": "free"}
+_LEGACY = {"grid": "free", "alpha_lr_scale": 1.0}
 
 # The checkpoint format of ModelQuantConfig.to_dict. Format 1 is the flat dict
 # train.py wrote before (method, w_bits, a_bits, per_channel, ...).
@@ -70,8 +70,14 @@ class QuantConfig:
     # channel * (2^b - 1)), as LSQ does (see dsq_ext.nn).
     grad_scale: bool = True
     # Learning-rate multipliers of alpha and of the bounds, applied by
-    # dsq_ext.param_groups (0 freezes them at their initial values).
-    alpha_lr_scale: float = 1.0
+    # dsq_ext.param_groups (0 freezes them at their initial values). alpha's
+    # 1000: with the LSQ scale above, alpha moves about as far as the raw
+    # gradient of the paper's implementation moves it (within 2x, median over
+    # layers), and the ablation measured it best (RESULTS.md, "The alpha
+    # ablation"); at 1 alpha stays at alpha_init through a short fine-tune.
+    # Dicts written before 1000 was the default read as 1 (_LEGACY). DSQ only:
+    # a uniform config, which has no alpha, holds 1.
+    alpha_lr_scale: float = 1000.0
     bounds_lr_scale: float = 1.0
     # Where the levels lie (GRIDS). "symmetric" is for weights: zero point 0,
     # the narrow signed range +-(2^(b-1)-1), so it needs bits >= 2. The default
@@ -104,6 +110,8 @@ class QuantConfig:
             if not (_is_real(v) and 0.0 <= v < math.inf):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
             object.__setattr__(self, name, float(v))
+        if self.method == "uniform":
+            object.__setattr__(self, "alpha_lr_scale", 1.0)
         if self.percentile is not None and not (
             _is_real(self.percentile) and 50.0 < self.percentile <= 100.0 and math.isfinite(self.percentile)
         ):
@@ -298,8 +306,10 @@ class ModelQuantConfig:
         common = {"method": d["method"], "bounds": d.get("bounds") or "learned"}
         if d.get("alpha_init") is not None:
             common["alpha_init"] = d["alpha_init"]
-        # Format 1 predates the grid option: those runs trained on the free grid.
+        # Format 1 predates the grid option and the alpha lr scale: those runs trained
+        # on the free grid, with alpha at the weights' learning rate.
         common["grid"] = d.get("grid") or "free"
+        common["alpha_lr_scale"] = 1.0
         weight, act = layer_configs(
             w_bits=d.get("w_bits"),
             a_bits=d.get("a_bits"),

@@ -465,13 +465,13 @@ def project_alpha_(model: nn.Module) -> None:
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Optimizer parameter groups: the weights with weight_decay; quantizer parameters without.
 
-    When every quantizer's alpha_lr_scale and bounds_lr_scale is 1 (the default):
-    two groups, [weights, quantizer parameters], the layout of checkpoints written
-    before the scales existed. Otherwise the quantizer parameters are grouped by
-    scale, each group with learning rate lr * scale (lr is then required; a scale
-    of 0 freezes them). Under SGD, with or without momentum, and no weight decay,
-    multiplying a group's learning rate by k is the same as multiplying its
-    gradients by k.
+    The quantizer parameters are grouped by scale (QuantConfig.alpha_lr_scale,
+    bounds_lr_scale), each group with learning rate lr * scale; a scale of 0 freezes
+    them. lr is the optimizer's learning rate, required unless every scale is 1
+    (uniform models, or DSQ with alpha_lr_scale=1): then two groups, [weights,
+    quantizer parameters], the layout of checkpoints written before the scales.
+    Under SGD, with or without momentum, and no weight decay, multiplying a
+    group's learning rate by k is the same as multiplying its gradients by k.
     """
     by_scale: dict[float, list] = {}
     for m in model.modules():
@@ -485,7 +485,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None)
         return groups + [{"params": [p for p in model.parameters() if id(p) in ids], "weight_decay": 0.0}]
     if lr is None:
         raise ValueError(
-            "param_groups: lr is needed when a quantizer's alpha_lr_scale or bounds_lr_scale is not 1"
+            "param_groups: pass lr=<the optimizer's learning rate>: the quantizers' alpha_lr_scale / "
+            f"bounds_lr_scale ({', '.join(f'{k:g}' for k in sorted(by_scale))}) multiply it"
         )
     return groups + [
         {"params": by_scale[scale], "weight_decay": 0.0, "lr": lr * scale} for scale in sorted(by_scale)

@@ -144,7 +144,7 @@ FORMAT_1 = {
 
 def _format_1_checkpoint(path, data):
     torch.manual_seed(0)
-    model = dsq_ext.quantize_model(torchvision.models.resnet18(), "dsq", 4, 4)
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(), "dsq", 4, 4, alpha_lr_scale=1, grid="free")
     model.train()
     with torch.no_grad():
         model(torch.randn(4, 3, 32, 32))  # sets the activation bounds, as the first training step does
@@ -178,11 +178,12 @@ def test_format_1_checkpoint_evaluates_and_resumes(tmp_path, data):
     path = tmp_path / "old.pth.tar"
     model = _format_1_checkpoint(path, data)
     flags = ["-a", "resnet18", "-q", "DSQ", "--quan_bit", "4", "--quantize_input", *SMALL]
-    # Without --grid free the run asks for today's default grid: a different configuration.
+    # Without --grid free --alpha-lr-scale 1 the run asks for today's defaults: a different configuration.
     rc, err = run_train(*flags, "--log_path", tmp_path / "eval", "-e", "--resume", path, data, check=False)
-    assert rc == 2 and "differs in weight.grid, act.grid" in err and "--grid free" in err, err
+    assert rc == 2 and "weight.grid" in err and "weight.alpha_lr_scale" in err, err
+    assert "--alpha-lr-scale 1 --grid free" in err, err
     assert not (tmp_path / "eval").exists()
-    flags += ["--grid", "free"]
+    flags += ["--alpha-lr-scale", "1", "--grid", "free"]
     _, out = run_train(*flags, "--log_path", tmp_path / "eval", "-e", "--resume", path, data)
     assert len(_summary_acc1(out)) == 1
     # Resuming continues the old run at its next epoch, and records the config in today's format.

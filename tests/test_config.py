@@ -150,14 +150,26 @@ def test_format_1_dicts_keep_their_meaning():
     cfg = ModelQuantConfig.from_dict(FORMAT_1)
     # written before the grid option: trained on the free grid, whatever today's default
     assert QuantConfig().grid != "free"
-    assert cfg.weight == QuantConfig(bits=4, per_channel=True, bounds="ema", alpha_init=0.3, grid="free")
-    assert cfg.act == QuantConfig(bits=2, bounds="ema", alpha_init=0.3, percentile=99.0, grid="free")
+    # and before the alpha lr scale: alpha learned at the weights' lr
+    assert QuantConfig().alpha_lr_scale != 1.0
+    old = dict(alpha_init=0.3, bounds="ema", grid="free", alpha_lr_scale=1.0)
+    assert cfg.weight == QuantConfig(bits=4, per_channel=True, **old)
+    assert cfg.act == QuantConfig(bits=2, percentile=99.0, **old)
     assert (cfg.skip_first, cfg.skip_last) == (True, True)
     assert ModelQuantConfig.from_dict({"method": None}).is_float
     weights_only = ModelQuantConfig.from_dict({**FORMAT_1, "a_bits": None, "act_percentile": None})
     assert weights_only.act is None and weights_only.weight.bits == 4
     with pytest.raises(ValueError, match="format 3 is not one this dsq_ext reads"):
         ModelQuantConfig.from_dict({"format": 3})
+
+
+def test_format_2_dicts_without_newer_fields_keep_their_meaning():
+    d = QuantConfig(bits=2).to_dict()
+    del d["grid"], d["alpha_lr_scale"]
+    assert QuantConfig.from_dict(d) == QuantConfig(bits=2, grid="free", alpha_lr_scale=1.0)
+    # A uniform config has no alpha, so no alpha scale: the same config whatever the default.
+    uniform = QuantConfig(method="uniform")
+    assert uniform.alpha_lr_scale == 1.0 and QuantConfig(method="uniform", alpha_lr_scale=5) == uniform
 
 
 def test_resume_key_ignores_init_only_fields():

@@ -151,7 +151,8 @@ FORMAT_1 = dict(method="dsq", w_bits=4, a_bits=None, per_channel=False, quantize
 
 @pytest.mark.parametrize("fmt", [1, 2])
 def test_resume_compares_grid_and_reads_old_checkpoints_as_free(train_script, capsys, tmp_path, fmt):
-    flags = ["-q", "DSQ", "--quan_bit", "4", "--grid", "free"]
+    # (format 1 also predates the alpha lr scale: alpha learned at 1x)
+    flags = ["-q", "DSQ", "--quan_bit", "4", "--alpha-lr-scale", "1", "--grid", "free"]
     if fmt == 1:
         quant = FORMAT_1
     else:  # format 2 written before QuantConfig had a grid field

@@ -183,7 +183,8 @@ def test_quantize_model_mobilenet_v2_depthwise(recompute):
 
 
 def test_param_groups_keep_quantizer_parameters_out_of_weight_decay():
-    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 4, 4)
+    # Every scale 1: the two groups that checkpoints written before the scales hold.
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 4, 4, alpha_lr_scale=1)
     q = dsq_ext.quantizer_parameters(model)
     assert len(q) == 19 * 2 * 3  # 19 layers x (weight, activation) x (lower, upper, alpha)
     groups = dsq_ext.param_groups(model, 1e-4)
@@ -192,13 +193,28 @@ def test_param_groups_keep_quantizer_parameters_out_of_weight_decay():
     assert n == len(list(model.parameters()))
 
 
+def test_param_groups_of_the_default_dsq_config_need_lr():
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 4, 4)
+    with pytest.raises(ValueError, match=r"pass lr=.*\(1, 1000\)"):
+        dsq_ext.param_groups(model, 1e-4)
+    groups = dsq_ext.param_groups(model, 1e-4, lr=0.1)
+    assert [(len(g["params"]), g.get("lr"), g["weight_decay"]) for g in groups] == [
+        (len(list(model.parameters())) - 19 * 2 * 3, None, 1e-4),
+        (19 * 2 * 2, 0.1, 0.0),  # lower, upper
+        (19 * 2, 100.0, 0.0),  # alpha
+    ]
+    # uniform quantizers have no alpha: two groups, no lr needed
+    uniform = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "uniform", 4, 4)
+    assert len(dsq_ext.param_groups(uniform, 1e-4)) == 2
+
+
 def test_param_groups_scale_alpha_and_bounds_learning_rates():
     torch.manual_seed(0)
     layer = DSQConv2d(4, 8, 3, w_bits=2, a_bits=2, alpha_lr_scale=0.0, bounds_lr_scale=10.0)
     groups = dsq_ext.param_groups(layer, 1e-4, lr=0.01)
     assert [(len(g["params"]), g.get("lr")) for g in groups] == [(2, None), (2, 0.0), (4, 0.1)]
     assert all(g["weight_decay"] == 0.0 for g in groups[1:])
-    with pytest.raises(ValueError, match="lr is needed"):
+    with pytest.raises(ValueError, match="pass lr="):
         dsq_ext.param_groups(layer, 1e-4)
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     x = torch.randn(4, 4, 6, 6)
@@ -218,7 +234,7 @@ def test_an_lr_scale_is_a_gradient_scale_under_sgd():
     def run(scale_lr):
         torch.manual_seed(0)
         k = 100.0
-        layer = DSQLinear(6, 5, w_bits=3, a_bits=3, **({"alpha_lr_scale": k} if scale_lr else {}))
+        layer = DSQLinear(6, 5, w_bits=3, a_bits=3, alpha_lr_scale=k if scale_lr else 1)
         opt = torch.optim.SGD(dsq_ext.param_groups(layer, 0.0, lr=0.05), lr=0.05, momentum=0.9)
         x = torch.randn(16, 6)
         for _ in range(3):
@@ -236,11 +252,13 @@ def test_an_lr_scale_is_a_gradient_scale_under_sgd():
 
 
 def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
-    # The ImageNet example's lr 0.1 (momentum 0.9): with the layers' gradient
-    # scaling, alpha, lower and upper stay finite and alpha stays usable.
+    # The ImageNet example's lr 0.1 (momentum 0.9), alpha at 1000x that: with the
+    # layers' gradient scaling and the projection, alpha, lower and upper stay
+    # finite and alpha stays in its range.
     torch.manual_seed(0)
     model = dsq_ext.quantize_model(torchvision.models.resnet18(num_classes=10), "dsq", 2, 2)
-    opt = torch.optim.SGD(dsq_ext.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(dsq_ext.param_groups(model, 1e-4, lr=0.1), lr=0.1, momentum=0.9)
+    opt.register_step_post_hook(lambda *_: dsq_ext.project_alpha_(model))
     x, target = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for _ in range(8):
         opt.zero_grad()
@@ -252,7 +270,7 @@ def test_resnet18_lr_0p1_keeps_quantizer_parameters_finite():
         if isinstance(m, Quantizer):
             for p in (m.lower, m.upper, m.alpha):
                 assert torch.isfinite(p).all()
-            assert 0 < m.alpha.item() < 1
+            assert dsq_ext.nn.ALPHA_MIN <= m.alpha.item() <= dsq_ext.nn.ALPHA_MAX
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -339,7 +339,11 @@ def test_resume_with_another_config_is_rejected(dsq_run, train_script, capsys):
     ckpt = str(log / "checkpoint.pth.tar")
     uniform = ["-q", "uniform", "--quan_bit", "4", "--quantize_input"]
     err = _reject(train_script, capsys, [*uniform, "--resume", ckpt, "d"])
-    assert "was written by a different configuration (differs in weight.method, act.method)" in err
+    # (a uniform config has no alpha, so its alpha lr scale is 1, not DSQ's 1000)
+    assert (
+        "was written by a different configuration (differs in weight.method, weight.alpha_lr_scale, "
+        "act.method, act.alpha_lr_scale)" in err
+    )
     assert "checkpoint: -a resnet18 -q DSQ --w-bits 4 --a-bits 4 --bounds learned" in err
     err = _reject(train_script, capsys, ["--resume", ckpt, "-e", "d"])  # the float model
     assert "different configuration" in err and "this run:   -a resnet18 (float, no -q)" in err
