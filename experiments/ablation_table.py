@@ -32,6 +32,14 @@ ARMS = [
     ("dsq_a1", "DSQ, alpha (lr x1), l, u learned"),
 ]
 LABEL = dict(ARMS)
+# The other comparisons the ablation is for: what learning alpha adds (with l, u
+# fixed, and with them learned), what learning l, u adds, and alpha's lr scale.
+PAIRS = [
+    ("dsq_a1000_bfix", "dsq_afix_bfix"),
+    ("dsq_a1000", "dsq_a1000_bfix"),
+    ("dsq_a1000", "dsq_afix_bfix"),
+    ("dsq_a1000", "dsq_a1"),
+]
 # The range the kernels use alpha in (dsq_ext.nn.ALPHA_MIN / ALPHA_MAX): records written
 # before the projection hold alphas outside it, which computed as the clamped value.
 ALPHA_MIN, ALPHA_MAX = 1e-3, 0.5
@@ -87,7 +95,7 @@ def _mean_sd(values, fmt="{:.2f}") -> str:
         return "-"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} +- {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.mean(values))} +- {fmt.replace('+', '').format(statistics.stdev(values))}"
 
 
 def _paired(runs: dict, base: dict | None) -> str:
@@ -134,6 +142,11 @@ def table(records: dict) -> str:
                 f"| {label} | {per} | {_mean_sd(acc)} | {vs_uniform} | {vs_float} | {sp} | {commits} |"
             )
         lines.append("")
+        pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]
+        if pairs:
+            lines += ["Paired by seed, mean +- sd (per seed):", ""]
+            lines += [f"- {LABEL[a]} minus {LABEL[b]}: {_paired(arms[a], arms[b])}" for a, b in pairs]
+            lines.append("")
     return "\n".join(lines)
 
 
