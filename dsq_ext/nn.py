@@ -10,8 +10,10 @@ alpha, which are sums over every element of the quantized tensor (millions for
 an activation). As in LSQ (Esser et al., ICLR 2020), the Quantizer multiplies
 those gradients by 1 / sqrt(elements per channel * (2^b - 1)), so that a
 learning rate that suits the weights (the ImageNet example's 0.1) also suits
-the quantizer parameters. The values are unchanged; `grad_scale=False` turns
-this off.
+the bounds. The values are unchanged; `grad_scale=False` turns this off. For
+alpha that scale is too strong (alpha would not move in a fine-tune), so
+param_groups gives it QuantConfig.alpha_lr_scale (1000) times the learning
+rate, and project_alpha_ keeps it in the kernels' range after each step.
 
 Grid. "affine" (the default) and "symmetric" put 0.0 on a level with an integer
 zero point, so that integer runtimes (ONNX QuantizeLinear/DequantizeLinear) hold

@@ -195,12 +195,13 @@ def figure(records: dict, path: str, arm: str = "dsq_a1000", seed: int = 0) -> N
                 if name.endswith("." + kind):
                     ys = [start[kind]] + [_clamped(v) for v in values]
                     ax.plot(range(len(ys)), ys, marker=".", lw=1)
-            ax.set_title(f"{_recipe(recipe)}, {title}: {LABEL[arm]}, seed {seed}", fontsize=9)
+            ax.set_title(f"{_recipe(recipe)}: {title}", fontsize=9)
             ax.set_xticks(range(len(rec["epochs"]) + 1))
             ax.set_xlabel("epochs of fine-tuning")
             ax.set_ylabel("alpha")
             ax.set_ylim(0, 0.52)
             ax.axhline(ALPHA_MAX, color="grey", lw=0.8, ls="--")
+    fig.suptitle(f"alpha per layer after each epoch: {LABEL[arm]}, seed {seed}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
