@@ -73,8 +73,8 @@ class QuantConfig:
     # dsq_ext.param_groups (0 freezes them at their initial values). alpha's
     # 1000: with the LSQ scale above, alpha moves about as far as the raw
     # gradient of the paper's implementation moves it (within 2x, median over
-    # layers), and the ablation measured it best (RESULTS.md, "The alpha
-    # ablation"); at 1 alpha stays at alpha_init through a short fine-tune.
+    # layers), and in the ablation it beat 1x (RESULTS.md, "The alpha
+    # ablation"), at which alpha stays at alpha_init through a short fine-tune.
     # Dicts written before 1000 was the default read as 1 (_LEGACY). DSQ only:
     # a uniform config, which has no alpha, holds 1.
     alpha_lr_scale: float = 1000.0
