@@ -13,10 +13,12 @@ alpha after each epoch, per layer.
 """
 
 import argparse
-import json
 import os
 import re
-import statistics
+
+import run_records
+
+from dsq_ext.nn import ALPHA_MAX, ALPHA_MIN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME_RE = re.compile(
@@ -40,21 +42,14 @@ PAIRS = [
     ("dsq_a1000", "dsq_afix_bfix"),
     ("dsq_a1000", "dsq_a1"),
 ]
-# The range the kernels use alpha in (dsq_ext.nn.ALPHA_MIN / ALPHA_MAX): records written
-# before the projection hold alphas outside it, which computed as the clamped value.
-ALPHA_MIN, ALPHA_MAX = 1e-3, 0.5
+# Records written before the projection hold alphas outside the kernels' range, which
+# computed as the clamped value.
 
 
 def read_records(folder: str) -> dict:
     """{recipe: {arm: {seed: record}}}; the float control is filed under every recipe."""
     out, control = {}, {}
-    for f in sorted(os.listdir(folder)):
-        m = NAME_RE.match(f.removesuffix(".json"))
-        if not f.endswith(".json") or not m:
-            continue
-        rec = json.load(open(os.path.join(folder, f)))
-        if rec.get("rc") != 0:
-            continue
+    for m, rec in run_records.read_records(folder, NAME_RE):
         seed = int(m["seed"])
         if m["method"] is None:
             control[seed] = rec
@@ -90,14 +85,6 @@ def spread(rec: dict, kind: str) -> float | None:
     return max(a) - min(a) if a else None
 
 
-def _mean_sd(values, fmt="{:.2f}") -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} +- {fmt.replace('+', '').format(statistics.stdev(values))}"
-
-
 def _paired(runs: dict, base: dict | None) -> str:
     if not base:
         return "-"
@@ -106,7 +93,7 @@ def _paired(runs: dict, base: dict | None) -> str:
         return "-"
     diffs = [runs[s]["best_acc1"] - base[s]["best_acc1"] for s in seeds]
     per = ", ".join(f"{d:+.2f}" for d in diffs)
-    return f"{_mean_sd(diffs, '{:+.2f}')} ({per})"
+    return f"{run_records.mean_sd(diffs, '{:+.2f}')} ({per})"
 
 
 def table(records: dict) -> str:
@@ -130,7 +117,7 @@ def table(records: dict) -> str:
             if arm.startswith("dsq"):
                 w = [x for x in (spread(runs[s], "weight") for s in seeds) if x is not None]
                 a = [x for x in (spread(runs[s], "act") for s in seeds) if x is not None]
-                sp = f"{_mean_sd(w, '{:.3f}')} / {_mean_sd(a, '{:.3f}')}"
+                sp = f"{run_records.mean_sd(w, '{:.3f}')} / {run_records.mean_sd(a, '{:.3f}')}"
             else:
                 sp = "-"
             vs_uniform = (
@@ -139,7 +126,7 @@ def table(records: dict) -> str:
             vs_float = "-" if arm == "float_ft" else _paired(runs, arms.get("float_ft"))
             commits = ", ".join(sorted({runs[s].get("commit") or "?" for s in seeds}))
             lines.append(
-                f"| {label} | {per} | {_mean_sd(acc)} | {vs_uniform} | {vs_float} | {sp} | {commits} |"
+                f"| {label} | {per} | {run_records.mean_sd(acc)} | {vs_uniform} | {vs_float} | {sp} | {commits} |"
             )
         lines.append("")
         pairs = [(a, b) for a, b in PAIRS if a in arms and b in arms]

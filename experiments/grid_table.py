@@ -9,10 +9,11 @@ bit width, the top-1 of each grid per seed and the paired differences to the fre
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
+
+import run_records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAME_RE = re.compile(r"^dsq_(?P<bits>w\da\d)_(?P<pct>p\d+)_(?P<grid>free|affine|symmetric)_s(?P<seed>\d+)$")
@@ -22,24 +23,10 @@ GRIDS = ("free", "affine", "symmetric")
 def read_records(folder: str) -> dict:
     """{(bits, grid): {seed: best top-1}} of the grid study's records in folder."""
     out = {}
-    for f in sorted(os.listdir(folder)):
-        m = NAME_RE.match(f.removesuffix(".json"))
-        if not f.endswith(".json") or not m:
-            continue
-        rec = json.load(open(os.path.join(folder, f)))
-        if rec.get("rc") != 0:
-            continue
+    for m, rec in run_records.read_records(folder, NAME_RE):
         key = (f"{m['bits'].upper()} {m['pct']}", m["grid"])
         out.setdefault(key, {})[int(m["seed"])] = rec["best_acc1"]
     return out
-
-
-def _mean_sd(values) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
 def table(records: dict) -> str:
@@ -59,7 +46,7 @@ def table(records: dict) -> str:
             diffs = [runs[s] - free[s] for s in paired]
             per_diff = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(paired, diffs)) or "-"
             mean_diff = f"{statistics.mean(diffs):+.2f}" if diffs else "-"
-            row = [bits, grid, per, _mean_sd([runs[s] for s in seeds]), per_diff, mean_diff]
+            row = [bits, grid, per, run_records.mean_sd([runs[s] for s in seeds]), per_diff, mean_diff]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -26,7 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from run_records import tensorboard_scalars as scalars  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -54,15 +54,6 @@ STEP_RE = re.compile(
     r"^Epoch: \[(?P<epoch>\d+)\]\[\s*(?P<step>\d+)/(?P<steps>\d+)\].*?"
     r"Loss (?P<loss>\S+) \((?P<loss_avg>\S+)\)\s+Acc@1\s+(?P<acc1>\S+) \(\s*(?P<acc1_avg>\S+)\)"
 )
-
-
-def scalars(run_dir):
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    out = {}
-    for tag in acc.Tags()["scalars"]:
-        out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
-    return out
 
 
 def read_run(runs, name):

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 
+import run_records
 import torch
 
 from dsq_ext import report
@@ -44,15 +45,11 @@ def _values(t):
 def alpha_per_epoch(run_dir: str) -> dict:
     """{quantizer: [alpha after epoch 0, 1, ...]} from the run's TensorBoard events (train.py
     logs every quantizer's alpha once per epoch, as quant/<layer>/<weight|act>_alpha)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    acc.Reload()
     out = {}
-    for tag in acc.Tags()["scalars"]:
+    for tag, points in run_records.tensorboard_scalars(run_dir).items():
         m = re.fullmatch(r"quant/(?P<layer>.+)/(?P<kind>weight|act)_alpha", tag)
         if m:
-            by_epoch = {e.step: e.value for e in acc.Scalars(tag)}  # a resumed run logs again
+            by_epoch = dict(points)  # a resumed run logs again
             out[f"{m['layer']}.{m['kind']}"] = [by_epoch[k] for k in sorted(by_epoch)]
     return out
 
