@@ -22,6 +22,7 @@ import torch
 from . import _C
 from .checkpoint import CheckpointError, canonical_state_dict, read_checkpoint
 from .config import ModelQuantConfig
+from .nn import ALPHA_MAX, ALPHA_MIN
 
 __all__ = ["QuantizerState", "LayerState", "load_layers", "markdown_table", "soft_staircase", "plot"]
 
@@ -29,8 +30,9 @@ _KEY = re.compile(
     r"^(?P<layer>.+)\.(?P<kind>weight|act)_quantizer\.(?P<field>lower|upper|alpha|initialized)$"
 )
 
-# The range the kernels clamp alpha into (csrc/dsq_math.h): a clamped alpha shapes nothing beyond it.
-ALPHA_MIN, ALPHA_MAX, K_MAX = _C.ALPHA_MIN, _C.ALPHA_MAX, _C.K_MAX
+# The kernels clamp alpha into [ALPHA_MIN, ALPHA_MAX] (dsq_ext.nn) and keep k = L/Delta <= K_MAX
+# (csrc/dsq_math.h): a clamped alpha shapes nothing beyond it.
+K_MAX = _C.K_MAX
 
 
 @dataclass
