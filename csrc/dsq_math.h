@@ -41,8 +41,14 @@
 
 #include <math.h>
 
+/* Always inlined: the CPU kernels' loops are compiled once per instruction set
+ * (dsq_kernels.c), and a function GCC leaves out of line (it starts to once the file
+ * holds a few more loops) is compiled for the baseline one only, without FMA: slower,
+ * and other bits than the same formula inlined in another loop. */
 #ifdef __CUDACC__
 #define DSQ_FN static __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define DSQ_FN static inline __attribute__((always_inline))
 #else
 #define DSQ_FN static inline
 #endif
