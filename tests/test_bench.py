@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["bench_ops.py", "bench_step.py"])
+@pytest.mark.parametrize("script", ["bench_ops.py", "bench_step.py", "bench_recompute.py"])
 def test_bench_quick(tmp_path, script):
     out = tmp_path / "result.json"
     proc = subprocess.run(

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Where the layers' recompute costs time: ResNet-18's quantized convolutions one by one.
+
+For each quantized conv of a torchvision ResNet-18 (the shapes of a batch at --image-size
+px), one DSQConv2d (W4A4, per-tensor, affine grid) runs forward and backward in two
+variants, from the same state and the same upstream gradient:
+
+  keep      recompute=False: quantizer ops, then F.conv2d (three autograd nodes; the
+            convolution keeps the quantized input and weight)
+  recompute recompute=True (the default): one autograd node that keeps the float input
+            and weight and quantizes both again in backward (dsq_ext/fused.py)
+
+Rounds run the variants in turn (every other round reversed); each cell is the best
+(minimum) over the rounds, which on a shared machine is the least noisy estimate of
+what the work costs; "- keep" is the difference of the minima. glibc keeps freed
+memory (common.keep_freed_memory, as in bench_step.py), so that no layer pays page faults
+for the one before it. Whole-step ratios (medians of paired rounds) are bench_step.py's job.
+
+    python bench/bench_recompute.py --threads 1 --reps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+import dsq_ext  # noqa: E402
+
+VARIANTS = ("keep", "recompute")
+
+
+def resnet18_convs(batch: int, size: int):
+    """(name, conv module, input shape) of every conv quantize_model quantizes (not the first)."""
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    shapes = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(inputs[0].shape)
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return [(n, m, shapes[n]) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][1:]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu",), default="cpu", help="the CPU only (bench_step.py measures CUDA)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--method", default="dsq", choices=("dsq", "uniform"))
+    p.add_argument("--quick", action="store_true", help="batch 2 at 32 px, 2 rounds: a smoke test")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.image_size, args.reps = 2, 32, 2
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    info = common.machine_info(device)
+    info["malloc_keeps_freed_memory"] = common.keep_freed_memory()  # as bench_step does
+    print(f"# bench_recompute: {info['cpu']}, {args.threads} threads, torch {info['torch']}")
+    print(
+        f"resnet18's quantized convs, batch {args.batch} at {args.image_size} px, {args.method} W4A4, "
+        f"affine grid; best of {args.reps} rounds; load average at start "
+        + (", ".join(f"{v:.2f}" for v in info["loadavg_start"]) if info["loadavg_start"] else "n/a")
+    )
+
+    rows, totals = [], dict.fromkeys(VARIANTS, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    for name, conv, shape in resnet18_convs(args.batch, args.image_size):
+        base = dsq_ext.DSQConv2d.from_float(
+            conv, method=args.method, w_bits=4, a_bits=4, grid="affine", recompute=False
+        )
+        x = torch.randn(shape, generator=gen).relu()
+        with torch.no_grad():
+            g = torch.randn(base(x).shape, generator=gen)  # this first forward sets the bounds
+        layers = {v: copy.deepcopy(base) for v in VARIANTS}
+        layers["recompute"].recompute = True
+
+        def run(v):
+            xi = x.detach().requires_grad_()
+            t0 = time.perf_counter()
+            layers[v](xi).backward(g)
+            t = time.perf_counter() - t0
+            for prm in layers[v].parameters():
+                prm.grad = None
+            return t
+
+        best = dict.fromkeys(VARIANTS, float("inf"))
+        for v in VARIANTS:
+            run(v)  # warm-up
+        for i in range(args.reps):
+            for v in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
+                best[v] = min(best[v], run(v))
+        rows.append(
+            {"layer": name, "x": list(shape), "x_numel": x.numel(), "w_numel": conv.weight.numel()}
+            | {f"{v}_s": best[v] for v in VARIANTS}
+        )
+        for v in VARIANTS:
+            totals[v] += best[v]
+
+    header = ["layer", "x elements", "w elements", "keep ms", "recompute - keep"]
+    body = [
+        [
+            r["layer"],
+            f"{r['x_numel']:,}",
+            f"{r['w_numel']:,}",
+            f"{r['keep_s'] * 1e3:.3f}",
+            f"{(r['recompute_s'] - r['keep_s']) * 1e3:+.3f}",
+        ]
+        for r in rows
+    ]
+    body.append(
+        ["all", "", "", f"{totals['keep'] * 1e3:.2f}"]
+        + [f"{(totals[v] - totals['keep']) * 1e3:+.2f} ({totals[v] / totals['keep']:.3f}x)" for v in VARIANTS[1:]]
+    )
+    print()
+    print(common.markdown_table(header, body))
+    print("\nms of one layer's forward + backward, best of the rounds.")
+    common.finish(info, args.json, {"args": vars(args), "results": rows, "totals_s": totals})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
