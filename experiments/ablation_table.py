@@ -98,7 +98,7 @@ def _paired(runs: dict, base: dict | None) -> str:
 
 def table(records: dict) -> str:
     lines = []
-    for recipe in sorted(records, reverse=True):
+    for recipe in sorted(records):
         arms = records[recipe]
         lines += [
             f"### {_recipe(recipe)}",
@@ -140,7 +140,7 @@ def table(records: dict) -> str:
 def alpha_table(records: dict, arm: str = "dsq_a1000") -> str:
     """Every final alpha of one arm, per layer and seed (W and A)."""
     lines = []
-    for recipe in sorted(records, reverse=True):
+    for recipe in sorted(records):
         runs = records[recipe].get(arm)
         if not runs:
             continue
@@ -172,7 +172,7 @@ def figure(records: dict, path: str, arm: str = "dsq_a1000", seed: int = 0) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recipes = [r for r in sorted(records, reverse=True) if seed in records[r].get(arm, {})]
+    recipes = [r for r in sorted(records) if seed in records[r].get(arm, {})]
     fig, axes = plt.subplots(len(recipes), 2, figsize=(10, 3.6 * len(recipes)), squeeze=False)
     for row, recipe in zip(axes, recipes):
         rec = records[recipe][arm][seed]
