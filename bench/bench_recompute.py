@@ -60,9 +60,22 @@ def resnet18_convs(batch: int, size: int):
     return [(n, m, shapes[n]) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][1:]
 
 
+def fwd_bwd(layer, x, g) -> float:
+    """Seconds of one forward and backward of layer from x with upstream gradient g."""
+    xi = x.detach().requires_grad_()
+    t0 = time.perf_counter()
+    layer(xi).backward(g)
+    t = time.perf_counter() - t0
+    for p in layer.parameters():
+        p.grad = None
+    return t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cpu",), default="cpu", help="the CPU only (bench_step.py measures CUDA)")
+    p.add_argument(
+        "--device", choices=("cpu",), default="cpu", help="the CPU only (bench_step.py measures CUDA)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--image-size", type=int, default=112)
@@ -96,21 +109,12 @@ def main(argv=None) -> int:
         layers = {v: copy.deepcopy(base) for v in VARIANTS}
         layers["recompute"].recompute = True
 
-        def run(v):
-            xi = x.detach().requires_grad_()
-            t0 = time.perf_counter()
-            layers[v](xi).backward(g)
-            t = time.perf_counter() - t0
-            for prm in layers[v].parameters():
-                prm.grad = None
-            return t
-
         best = dict.fromkeys(VARIANTS, float("inf"))
         for v in VARIANTS:
-            run(v)  # warm-up
+            fwd_bwd(layers[v], x, g)  # warm-up
         for i in range(args.reps):
             for v in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
-                best[v] = min(best[v], run(v))
+                best[v] = min(best[v], fwd_bwd(layers[v], x, g))
         rows.append(
             {"layer": name, "x": list(shape), "x_numel": x.numel(), "w_numel": conv.weight.numel()}
             | {f"{v}_s": best[v] for v in VARIANTS}
@@ -131,7 +135,10 @@ def main(argv=None) -> int:
     ]
     body.append(
         ["all", "", "", f"{totals['keep'] * 1e3:.2f}"]
-        + [f"{(totals[v] - totals['keep']) * 1e3:+.2f} ({totals[v] / totals['keep']:.3f}x)" for v in VARIANTS[1:]]
+        + [
+            f"{(totals[v] - totals['keep']) * 1e3:+.2f} ({totals[v] / totals['keep']:.3f}x)"
+            for v in VARIANTS[1:]
+        ]
     )
     print()
     print(common.markdown_table(header, body))
