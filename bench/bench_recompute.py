@@ -2,8 +2,9 @@
 """Where the layers' recompute costs time: ResNet-18's quantized convolutions one by one.
 
 For each quantized conv of a torchvision ResNet-18 (the shapes of a batch at --image-size
-px), one DSQConv2d (W4A4, per-tensor, affine grid) runs forward and backward in two
-variants, from the same state and the same upstream gradient:
+px), the DSQConv2d that quantize_model makes of it (W4A4, the default per-tensor
+weights and grid), with the bounds its first training forward sets, runs forward and
+backward in two variants, from the same state and the same upstream gradient:
 
   keep      recompute=False: quantizer ops, then F.conv2d (three autograd nodes; the
             convolution keeps the quantized input and weight)
@@ -37,27 +38,21 @@ import dsq_ext  # noqa: E402
 VARIANTS = ("keep", "recompute")
 
 
-def resnet18_convs(batch: int, size: int):
-    """(name, conv module, input shape) of every conv quantize_model quantizes (not the first)."""
+def quantized_convs(method: str, batch: int, size: int):
+    """(name, DSQConv2d, its input) for the convs that quantize_model quantizes in ResNet-18
+    (W4A4, recompute=False), after a training-mode forward of random data has set the bounds."""
     import torchvision
 
-    model = torchvision.models.resnet18()
-    shapes = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            shapes[name] = tuple(inputs[0].shape)
-
-        return hook
-
-    hooks = [
-        m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
-    ]
+    torch.manual_seed(0)
+    model = dsq_ext.quantize_model(torchvision.models.resnet18(), method, 4, 4, recompute=False)
+    convs = [(n, m) for n, m in dsq_ext.quantized_modules(model) if isinstance(m, dsq_ext.DSQConv2d)]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args[0])) for _, m in convs]
     with torch.no_grad():
-        model(torch.zeros(batch, 3, size, size))
+        model.train()(torch.randn(batch, 3, size, size))
     for h in hooks:
         h.remove()
-    return [(n, m, shapes[n]) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)][1:]
+    return [(n, m, inputs[m]) for n, m in convs]
 
 
 def fwd_bwd(layer, x, g) -> float:
@@ -93,20 +88,16 @@ def main(argv=None) -> int:
     print(f"# bench_recompute: {info['cpu']}, {args.threads} threads, torch {info['torch']}")
     print(
         f"resnet18's quantized convs, batch {args.batch} at {args.image_size} px, {args.method} W4A4, "
-        f"affine grid; best of {args.reps} rounds; load average at start "
+        f"{dsq_ext.QuantConfig().grid} grid; best of {args.reps} rounds; load average at start "
         + (", ".join(f"{v:.2f}" for v in info["loadavg_start"]) if info["loadavg_start"] else "n/a")
     )
 
     rows, totals = [], dict.fromkeys(VARIANTS, 0.0)
     gen = torch.Generator().manual_seed(0)
-    for name, conv, shape in resnet18_convs(args.batch, args.image_size):
-        base = dsq_ext.DSQConv2d.from_float(
-            conv, method=args.method, w_bits=4, a_bits=4, grid="affine", recompute=False
-        )
-        x = torch.randn(shape, generator=gen).relu()
+    for name, conv, x in quantized_convs(args.method, args.batch, args.image_size):
         with torch.no_grad():
-            g = torch.randn(base(x).shape, generator=gen)  # this first forward sets the bounds
-        layers = {v: copy.deepcopy(base) for v in VARIANTS}
+            g = torch.randn(conv(x).shape, generator=gen)
+        layers = {v: copy.deepcopy(conv) for v in VARIANTS}
         layers["recompute"].recompute = True
 
         best = dict.fromkeys(VARIANTS, float("inf"))
@@ -116,7 +107,7 @@ def main(argv=None) -> int:
             for v in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
                 best[v] = min(best[v], fwd_bwd(layers[v], x, g))
         rows.append(
-            {"layer": name, "x": list(shape), "x_numel": x.numel(), "w_numel": conv.weight.numel()}
+            {"layer": name, "x": list(x.shape), "x_numel": x.numel(), "w_numel": conv.weight.numel()}
             | {f"{v}_s": best[v] for v in VARIANTS}
         )
         for v in VARIANTS:
@@ -133,13 +124,8 @@ def main(argv=None) -> int:
         ]
         for r in rows
     ]
-    body.append(
-        ["all", "", "", f"{totals['keep'] * 1e3:.2f}"]
-        + [
-            f"{(totals[v] - totals['keep']) * 1e3:+.2f} ({totals[v] / totals['keep']:.3f}x)"
-            for v in VARIANTS[1:]
-        ]
-    )
+    extra, ratio = totals["recompute"] - totals["keep"], totals["recompute"] / totals["keep"]
+    body.append(["all", "", "", f"{totals['keep'] * 1e3:.2f}", f"{extra * 1e3:+.2f} ({ratio:.3f}x)"])
     print()
     print(common.markdown_table(header, body))
     print("\nms of one layer's forward + backward, best of the rounds.")
