@@ -158,7 +158,7 @@ quant.add_argument('--alpha-lr-scale', default=None, type=_scale, metavar='K',
                         f"default: {dsq_ext.QuantConfig().alpha_lr_scale:g})")
 quant.add_argument('--bounds-lr-scale', default=None, type=_scale, metavar='K',
                    help='learned bounds learn at K times --lr (0 keeps them at their first-batch '
-                        'values; default: 1)')
+                        f'values; default: {dsq_ext.QuantConfig().bounds_lr_scale:g})')
 quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric'),
                    help='quantization levels: free (lower + k*Delta, the paper\'s), affine (0.0 is a '
                         'level, integer zero point, as ONNX QuantizeLinear stores it) or symmetric '

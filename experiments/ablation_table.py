@@ -42,8 +42,6 @@ PAIRS = [
     ("dsq_a1000", "dsq_afix_bfix"),
     ("dsq_a1000", "dsq_a1"),
 ]
-# Records written before the projection hold alphas outside the kernels' range, which
-# computed as the clamped value.
 
 
 def read_records(folder: str) -> dict:
@@ -67,6 +65,8 @@ def _recipe(recipe: str) -> str:
 
 
 def _clamped(a: float) -> float:
+    # Records written before the projection hold alphas outside the kernels' range, which
+    # computed as the clamped value.
     return min(max(a, ALPHA_MIN), ALPHA_MAX)
 
 
