@@ -214,8 +214,12 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
                                                                                                     \
     /* The free grid. */                                                                            \
     DSQ_FN T dsq_elem_forward_##SFX(const dsq_coef_##SFX k, T x) {                                  \
-        /* not fmin/fmax: those would turn a NaN x into a bound */                                  \
-        const T xc = x < k.l ? k.l : (x > k.u ? k.u : x);                                           \
+        /* not fmin/fmax: those would turn a NaN x into a bound. Each clamp is a select of */       \
+        /* its own: `a < b ? b : a` keeps a NaN a, as x86's max instruction does (it returns */     \
+        /* its second operand when either is NaN), so it compiles to one vmaxps / vminps; */         \
+        /* nested, the two compiled to mask compares and blends, twice the time in cache. */        \
+        T xc = x < k.l ? k.l : x;                                                                   \
+        xc = xc > k.u ? k.u : xc;                                                                   \
         T v = (xc - k.l) / k.div;                                                                   \
         v = v > k.nlev ? k.nlev : v;                                                                \
         T i = FLOOR(v);                                                                             \
@@ -229,7 +233,8 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
     /* Neither line has a product to fuse into an FMA, so every compiler gives the same bits. */    \
     DSQ_FN T dsq_elem_forward_pinned_##SFX(const dsq_coef_##SFX k, T x) {                           \
         T q = RINT(x / k.delta) + k.z;                                                              \
-        q = q < (T)0 ? (T)0 : (q > k.nlev ? k.nlev : q);                                            \
+        q = q < (T)0 ? (T)0 : q; /* two one-sided clamps, as in dsq_elem_forward */                 \
+        q = q > k.nlev ? k.nlev : q;                                                                \
         return (q - k.z) * k.delta;                                                                 \
     }                                                                                               \
                                                                                                     \
