@@ -317,6 +317,11 @@ def _quartiles(xs) -> str:
     return f"[{q1:.3f}, {q3:.3f}]"
 
 
+def _ci(xs) -> str:
+    lo, hi = common.median_ci(xs)
+    return "-" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+
+
 def print_cpu_time_table(rows, cpu_times) -> None:
     """Process CPU time of each step: on a shared machine, time spent descheduled does not count."""
     body = []
@@ -331,21 +336,25 @@ def print_cpu_time_table(rows, cpu_times) -> None:
                 f"{common.fmt_ms(common.median(cpu_times[v]))} ({common.fmt_ms(min(cpu_times[v]))})",
                 f"{common.median(per_round):.3f} {_quartiles(per_round)}",
                 f"{common.median(keep):.3f} {_quartiles(keep)}" if keep else "-",
+                _ci(keep) if keep else "-",
                 f"{common.median(wall_keep):.3f} {_quartiles(wall_keep)}" if wall_keep else "-",
             ]
         )
         r["cpu_over_float"] = common.median(per_round)
         if keep:
             r["cpu_over_keep"] = common.median(keep)
+            r["cpu_over_keep_ci95"] = list(common.median_ci(keep))
     print()
     print(
         common.markdown_table(
-            ["variant", "cpu ms", "cpu / float [q1, q3]", "cpu / keep [q1, q3]", "time / keep [q1, q3]"], body
+            ["variant", "cpu ms", "cpu / float [q1, q3]", "cpu / keep [q1, q3]", "95% CI", "time / keep [q1, q3]"],
+            body,
         )
     )
     print(
         "\nProcess CPU time (time.process_time) of the same steps; ratios are medians of the "
-        "per-round ratios, with their quartiles over the rounds."
+        "per-round ratios, with their quartiles over the rounds and, for cpu / keep, the 95% "
+        "confidence interval of that median (common.median_ci)."
     )
 
 

@@ -189,6 +189,29 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def median_ci(xs, level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: (x_(k), x_(n+1-k)) of the sorted xs.
+
+    k is the largest rank whose interval covers the median with probability >= level for any
+    continuous distribution (the count of samples below the median is Binomial(n, 1/2)). It
+    says how well the rounds pin a paired ratio down, where quartiles say how much the rounds
+    spread. (nan, nan) when n is too small for the level (n < 6 at 95%).
+    """
+    xs = sorted(x for x in xs if x is not None and not math.isnan(x))
+    n = len(xs)
+    tail = (1.0 - level) / 2.0
+    # P(Binomial(n, 1/2) <= k - 1): the chance that x_(k) lies above the median
+    below, k = 0.0, 0
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return float("nan"), float("nan")
+    return xs[k - 1], xs[n - k]
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "torch": torch.__version__,
