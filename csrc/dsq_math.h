@@ -70,7 +70,8 @@ enum dsq_grid { DSQ_GRID_FREE = 0, DSQ_GRID_AFFINE = 1, DSQ_GRID_SYMMETRIC = 2 }
  */
 DSQ_FN float dsq_tanh_f32(float z) {
     const float clamp = 7.90531110763549805f;
-    float a = z > clamp ? clamp : (z < -clamp ? -clamp : z);
+    float a = z > clamp ? clamp : z; /* one-sided clamps, as in dsq_elem_forward */
+    a = a < -clamp ? -clamp : a;
     float a2 = a * a;
     float p = -2.76076847742355e-16f;
     p = p * a2 + 2.00018790482477e-13f;
@@ -261,7 +262,8 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
     DSQ_FN dsq_grad_##SFX dsq_elem_backward_##SFX(const dsq_coef_##SFX k, const int mode, T x, T g) { \
         const int below = x < k.l;                                                                  \
         const int above = x > k.u;                                                                  \
-        const T xc = below ? k.l : (above ? k.u : x);                                               \
+        T xc = x < k.l ? k.l : x; /* one-sided clamps, as in dsq_elem_forward */                    \
+        xc = xc > k.u ? k.u : xc;                                                                   \
         T v = (xc - k.l) / k.div;                                                                   \
         v = v > k.nlev ? k.nlev : v;                                                                \
         T i = FLOOR(v);                                                                             \
@@ -289,13 +291,15 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
         const T v = t + k.z;                                                                        \
         const int below = v < (T)0;                                                                 \
         const int above = v > k.nlev;                                                               \
-        const T vc = below ? (T)0 : (above ? k.nlev : v);                                           \
+        T vc = v < (T)0 ? (T)0 : v;                                                                 \
+        vc = vc > k.nlev ? k.nlev : vc;                                                             \
         T i = FLOOR(vc);                                                                            \
         i = i > k.nlev - (T)1 ? k.nlev - (T)1 : i;                                                  \
         const T r = vc - i - (T)0.5;                                                                \
         /* the forward's level (round half to even), not i + [r >= 0] */                            \
         T q = RINT(t) + k.z;                                                                        \
-        q = q < (T)0 ? (T)0 : (q > k.nlev ? k.nlev : q);                                            \
+        q = q < (T)0 ? (T)0 : q;                                                                    \
+        q = q > k.nlev ? k.nlev : q;                                                                \
         T d, da;                                                                                    \
         dsq_shape_##SFX(k, mode, r, &d, &da);                                                       \
         const T gin = (below || above) ? (T)0 : g;                                                  \
