@@ -149,7 +149,7 @@ quant.add_argument('--bounds', default=None, choices=('learned', 'ema'),
                    help='clipping bounds learned by backprop, or a moving average of '
                         'the min/max seen in training (default: learned)')
 quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
-                   help="DSQ's initial alpha, in (0, 0.5] (default: 0.2)")
+                   help=f"DSQ's initial alpha, in (0, 0.5] (default: {dsq_ext.QuantConfig().alpha_init:g})")
 quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
@@ -728,8 +728,10 @@ def check_args(args):
             args.a_bits = quan_bit
         args.quantize_input = args.a_bits is not None
         args.recompute = args.recompute is not False  # on unless --no-recompute
-        if args.grid == "symmetric" and args.w_bits is not None and args.w_bits < 2:
-            parser.error("--grid symmetric needs at least 2 weight bits (its levels are -(2^(b-1)-1)..2^(b-1)-1)")
+        try:
+            quant_config(args)  # what QuantConfig rejects (--grid symmetric at 1 bit), as a usage error
+        except ValueError as e:
+            parser.error(f"the quantization flags ask for an invalid quantizer: {e}")
         if args.act_percentile is not None and args.a_bits is None:
             parser.error("--act-percentile needs quantized activations (--quantize_input or --a-bits)")
 

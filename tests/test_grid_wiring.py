@@ -140,7 +140,7 @@ def test_train_grid_flag(train_script, capsys):
     assert train_script.describe_config(default).endswith(f"--grid {dsq_ext.QuantConfig().grid}")
     assert "--grid only apply with -q" in _reject(train_script, capsys, ["--grid", "affine"])
     err = _reject(train_script, capsys, ["-q", "DSQ", "--w-bits", "1", "--grid", "symmetric"])
-    assert "--grid symmetric needs at least 2 weight bits" in err
+    assert "invalid quantizer: grid 'symmetric' needs bits >= 2, got bits=1" in err
     assert "invalid choice: 'integer'" in _reject(train_script, capsys, ["-q", "DSQ", "--grid", "integer"])
 
 
