@@ -347,7 +347,14 @@ def print_cpu_time_table(rows, cpu_times) -> None:
     print()
     print(
         common.markdown_table(
-            ["variant", "cpu ms", "cpu / float [q1, q3]", "cpu / keep [q1, q3]", "95% CI", "time / keep [q1, q3]"],
+            [
+                "variant",
+                "cpu ms",
+                "cpu / float [q1, q3]",
+                "cpu / keep [q1, q3]",
+                "95% CI",
+                "time / keep [q1, q3]",
+            ],
             body,
         )
     )
