@@ -146,11 +146,7 @@ enum { PATH_FREE = 0, PATH_PINNED = 1, PATH_ANY = 2 };
                                T *zero_point) {                                                     \
         for (int64_t c = 0; c < n; ++c) {                                                           \
             T l = lower[c * ls], u = upper[c * us];                                                 \
-            if (sort_bounds && u < l) {                                                             \
-                const T t = l;                                                                      \
-                l = u;                                                                              \
-                u = t;                                                                              \
-            }                                                                                       \
+            dsq_sort_bounds_##SFX(sort_bounds, &l, &u);                                             \
             const dsq_coef_##SFX k = dsq_coef_make_##SFX(l, u, (T)DSQ_ALPHA_MAX, bits, grid);       \
             dsq_grid_export_##SFX(k, scale + c, zero_point + c);                                    \
         }                                                                                           \

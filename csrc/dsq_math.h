@@ -206,6 +206,19 @@ DSQ_FN double dsq_tanh_f64(double z) { return tanh(z); }
         return k;                                                                                   \
     }                                                                                               \
                                                                                                     \
+    /* sort_bounds: learned bounds that crossed (lower above upper) are used swapped. */            \
+    /* Returns whether it swapped, so that the caller can send the reduced gradients */             \
+    /* back to the parameters they belong to. The one place this rule lives. */                     \
+    DSQ_FN int dsq_sort_bounds_##SFX(const int sort_bounds, T *l, T *u) {                           \
+        const int swap = sort_bounds && *u < *l;                                                    \
+        if (swap) {                                                                                 \
+            const T t = *l;                                                                         \
+            *l = *u;                                                                                \
+            *u = t;                                                                                 \
+        }                                                                                           \
+        return swap;                                                                                \
+    }                                                                                               \
+                                                                                                    \
     /* The scale and zero point of the grid the kernels use (for the grid_params op): */            \
     /* Delta of the unhalved bounds, and z; both 0 for a degenerate range. */                       \
     DSQ_FN void dsq_grid_export_##SFX(const dsq_coef_##SFX k, T *scale, T *zero_point) {            \

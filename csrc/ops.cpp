@@ -107,14 +107,16 @@ void for_each_chunk(const Plan& plan, const Fn& fn) {
     });
 }
 
+// dsq_math.h's rule for crossed bounds, for either compute type.
+inline bool sort_crossed(bool on, float& l, float& u) { return dsq_sort_bounds_f32(on, &l, &u); }
+inline bool sort_crossed(bool on, double& l, double& u) { return dsq_sort_bounds_f64(on, &l, &u); }
+
 // Channel c's bounds as the kernels use them; true when sort_bounds swapped them.
 template <typename T>
 bool bounds(const Param<T>& lo, const Param<T>& up, int64_t c, bool sort_bounds, T& l, T& u) {
     l = lo[c];
     u = up[c];
-    if (!(sort_bounds && u < l)) return false;
-    std::swap(l, u);
-    return true;
+    return sort_crossed(sort_bounds, l, u);
 }
 
 // scalar_t is the storage type, T the compute type (float for the 16-bit types).

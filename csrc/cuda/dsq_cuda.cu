@@ -131,6 +131,9 @@ struct Math<float> {
     static __device__ __forceinline__ void grid_export(const Coef& k, float* scale, float* zp) {
         dsq_grid_export_f32(k, scale, zp);
     }
+    static __device__ __forceinline__ bool sort_bounds(bool on, float* l, float* u) {
+        return dsq_sort_bounds_f32(on, l, u);
+    }
 };
 template <>
 struct Math<double> {
@@ -157,6 +160,9 @@ struct Math<double> {
     }
     static __device__ __forceinline__ void grid_export(const Coef& k, double* scale, double* zp) {
         dsq_grid_export_f64(k, scale, zp);
+    }
+    static __device__ __forceinline__ bool sort_bounds(bool on, double* l, double* u) {
+        return dsq_sort_bounds_f64(on, l, u);
     }
 };
 
@@ -198,12 +204,7 @@ __device__ __forceinline__ typename Math<T>::Coef make_coef(const Quantizer<T>& 
                                                             int bits, bool* swapped) {
     const T a = q.alpha ? q.alpha[c * q.as] : T(DSQ_ALPHA_MAX);
     T l = q.lower[c * q.ls], u = q.upper[c * q.us];
-    *swapped = q.sort_bounds && u < l;
-    if (*swapped) {
-        const T t = l;
-        l = u;
-        u = t;
-    }
+    *swapped = Math<T>::sort_bounds(q.sort_bounds, &l, &u);
     return Math<T>::make(l, u, a, bits, q.grid);
 }
 
@@ -433,11 +434,7 @@ __global__ void grid_params_kernel(const T* __restrict__ lower, int64_t ls,
     for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n;
          c += int64_t(gridDim.x) * blockDim.x) {
         T l = lower[c * ls], u = upper[c * us];
-        if (sort_bounds && u < l) {
-            const T t = l;
-            l = u;
-            u = t;
-        }
+        Math<T>::sort_bounds(sort_bounds, &l, &u);
         const typename Math<T>::Coef k = Math<T>::make(l, u, T(DSQ_ALPHA_MAX), bits, grid);
         Math<T>::grid_export(k, scale + c, zero_point + c);
     }
