@@ -115,11 +115,30 @@ def _checked(kind, ok, message):
     return parse
 
 
-_bits = _checked(int, lambda b: 1 <= b <= 8, "bit width must be an integer in 1..8")
-_alpha = _checked(float, lambda a: 0.0 < a <= 0.5, "DSQ's alpha must be in (0, 0.5]")
-_percentile = _checked(float, lambda p: 50.0 < p <= 100.0, "a percentile in (50, 100]")
 _positive = _checked(int, lambda n: n >= 1, "expected a positive integer")
-_scale = _checked(float, lambda k: 0.0 <= k < float("inf"), "a learning-rate scale must be a finite number >= 0")
+
+
+def _config_field(field, kind):
+    """An argparse type for one QuantConfig field, checked by QuantConfig itself: the ranges
+    live there alone, and its message names the field and the value (argparse adds the flag)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text  # QuantConfig rejects it with its own message
+        try:
+            dsq_ext.QuantConfig(**{field: value})
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+_bits = _config_field("bits", int)
+_alpha = _config_field("alpha_init", float)
+_percentile = _config_field("percentile", float)
+_alpha_lr_scale = _config_field("alpha_lr_scale", float)
+_bounds_lr_scale = _config_field("bounds_lr_scale", float)
 
 
 # Processes per node on CPU, where there is no GPU count to take it from.
@@ -153,10 +172,10 @@ quant.add_argument('--alpha-init', default=None, type=_alpha, metavar='A',
 quant.add_argument('--act-percentile', default=None, type=_percentile, metavar='P',
                    help='set the activation bounds from the (100-P)-th and P-th percentiles of the '
                         'batch instead of its min and max (default: min/max)')
-quant.add_argument('--alpha-lr-scale', default=None, type=_scale, metavar='K',
+quant.add_argument('--alpha-lr-scale', default=None, type=_alpha_lr_scale, metavar='K',
                    help="DSQ's alpha learns at K times --lr (0 keeps it at --alpha-init; "
                         f"default: {dsq_ext.QuantConfig().alpha_lr_scale:g})")
-quant.add_argument('--bounds-lr-scale', default=None, type=_scale, metavar='K',
+quant.add_argument('--bounds-lr-scale', default=None, type=_bounds_lr_scale, metavar='K',
                    help='learned bounds learn at K times --lr (0 keeps them at their first-batch '
                         f'values; default: {dsq_ext.QuantConfig().bounds_lr_scale:g})')
 quant.add_argument('--grid', default=None, choices=('free', 'affine', 'symmetric'),

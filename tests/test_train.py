@@ -266,15 +266,21 @@ def _reject(train_script, capsys, argv):
         (["-q", "foo", "d"], "argument -q/--quantize: invalid choice: 'foo' (choose from DSQ, uniform"),
         (
             ["-q", "DSQ", "--quan_bit", "9", "d"],
-            "--quan_bit/--quan-bit: bit width must be an integer in 1..8, got '9'",
+            "--quan_bit/--quan-bit: bits must be an int in 1..8, got 9",
         ),
-        (["-q", "DSQ", "--w-bits", "0", "d"], "--w-bits: bit width must be an integer in 1..8, got '0'"),
+        (["-q", "DSQ", "--w-bits", "0", "d"], "--w-bits: bits must be an int in 1..8, got 0"),
+        (["-q", "DSQ", "--a-bits", "four", "d"], "--a-bits: bits must be an int in 1..8, got 'four'"),
+        (["-q", "DSQ", "--alpha-init", "nan", "d"], "--alpha-init: alpha_init must be in (0, 0.5], got nan"),
+        (
+            ["-q", "DSQ", "--alpha-lr-scale", "inf", "d"],
+            "--alpha-lr-scale: alpha_lr_scale must be a finite number >= 0, got inf",
+        ),
         (["--quan_bit", "4", "--quantize_input", "d"], "--quan_bit, --quantize_input only apply with -q"),
         (
             ["-q", "uniform", "--alpha-init", "0.1", "d"],
             "--alpha-init and --alpha-lr-scale apply to -q DSQ only",
         ),
-        (["-q", "DSQ", "--alpha-init", "0.7", "d"], "DSQ's alpha must be in (0, 0.5], got '0.7'"),
+        (["-q", "DSQ", "--alpha-init", "0.7", "d"], "--alpha-init: alpha_init must be in (0, 0.5], got 0.7"),
         (["-q", "DSQ", "--bounds", "minmax", "d"], "argument --bounds: invalid choice: 'minmax'"),
         (["-q", "DSQ", "--quantize_input", "-e", "d"], "--evaluate of a model with quantized activations"),
         (["--init-from", "/nonexistent.pth.tar", "d"], "--init-from /nonexistent.pth.tar: no such file"),
@@ -285,7 +291,7 @@ def _reject(train_script, capsys, argv):
         (["-q", "uniform", "--alpha-lr-scale", "10", "d"], "--alpha-lr-scale apply to -q DSQ only"),
         (
             ["-q", "DSQ", "--bounds-lr-scale", "-1", "d"],
-            "a learning-rate scale must be a finite number >= 0, got '-1'",
+            "--bounds-lr-scale: bounds_lr_scale must be a finite number >= 0, got -1.0",
         ),
         (["--lr", "nan", "d"], "--lr must be a finite number >= 0, got nan"),
         (["--lr", "inf", "d"], "--lr must be a finite number >= 0, got inf"),
@@ -298,7 +304,7 @@ def _reject(train_script, capsys, argv):
         ),
         (
             ["-q", "DSQ", "--quantize_input", "--act-percentile", "40", "d"],
-            "a percentile in (50, 100], got '40'",
+            "--act-percentile: percentile must be a number in (50, 100] or None, got 40.0",
         ),
     ],
 )
